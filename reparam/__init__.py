@@ -1,0 +1,14 @@
+"""reparam: composable weight reparameterizations for any Flax model.
+
+    rules = [(r".*Dense_\\d+/kernel", reparam.chain(reparam.dora(rank=4), reparam.multipliers(row=True)))]
+    rparams = reparam.init(rules, params, key)                  # plain dict: optax- and orbax-ready
+    loss = lambda rp, x: f(model.apply({"params": reparam.materialize(rules, rp)}, x))
+    params = reparam.merge(rules, rparams)                      # plain tree for inference
+"""
+from reparam.core import (ROLES, ConfigError, Reparam, chain, default_role, flatten, identity, init, matches,
+                          materialize, merge, roles)
+from reparam.transforms import dora, from_spec, lora, multipliers, rules_from_spec, weight_norm
+
+__all__ = ["ROLES", "ConfigError", "Reparam", "chain", "default_role", "dora", "flatten", "from_spec", "identity",
+           "init", "lora", "matches", "materialize", "merge", "multipliers", "roles", "rules_from_spec",
+           "weight_norm"]

@@ -1,0 +1,61 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685).
+
+    K' = K₀ + s·A B,    s = α / r,    A: (in, r) Kaiming-uniform,  B: (r, out) zeros,  K₀ frozen.
+
+`A B = 0` at init, so the wrapped model starts exactly where the pretrained one is. For a conv kernel
+`(H, W, in, out)` the window axes belong to A (`(H, W, in, r)`): a kernel-sized down-projection followed by a
+1×1 up-projection, as peft does for Conv2d. `A`'s bound `1/√fan_in` is PyTorch's `kaiming_uniform_(a=√5)`, the
+init of the reference implementation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reparam.core import Reparam
+from reparam.layout import Axes, Layout, resolve
+
+
+def check_rank(rank: int, shape, layout: Layout) -> None:
+  limit = min(layout.fan_in(shape), layout.fan_out(shape))
+  if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= limit:
+    raise ValueError(f"rank={rank} must be an integer in [1, min(in, out) = {limit}]")
+
+
+def lowrank_init(key: jax.Array, w: jax.Array, rank: int, layout: Layout) -> dict:
+  """`A` Kaiming-uniform over the window and input axes, `B` zeros over the output axes."""
+  check_rank(rank, w.shape, layout)
+  bound = 1.0 / np.sqrt(layout.fan_in(w.shape))
+  a_shape = tuple(w.shape[i] for i in layout.reduce) + (rank,)
+  return {"A": jax.random.uniform(key, a_shape, jnp.float32, -bound, bound).astype(w.dtype),
+          "B": jnp.zeros((rank,) + layout.out_shape(w.shape), w.dtype)}
+
+
+def lowrank_delta(factors: dict, layout: Layout, scale: float) -> jax.Array:
+  """`s·A B` laid out like the kernel (transposed back when its axes are not (window, in, out) ordered)."""
+  delta = scale * jnp.tensordot(factors["A"], factors["B"], axes=1)
+  order = layout.reduce + layout.outputs
+  return delta if order == tuple(range(layout.ndim)) else jnp.transpose(delta, np.argsort(order))
+
+
+def lora(rank: int, alpha: Optional[float] = None, in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
+  """LoRA: `K' = K₀ + (α/r)·A B` with `K₀` frozen; `alpha=None` means `α = r` (scale 1).
+
+  Args:
+    rank: r, at most `min(in, out)` of the kernel viewed as a matrix.
+    alpha: α; the update is scaled by `α / r`.
+    in_axes, out_axes: the kernel's input and output axes (see `reparam.layout`).
+  """
+  scale = 1.0 if alpha is None else alpha / rank
+
+  def init(key, w):
+    return lowrank_init(key, w, rank, resolve(w.ndim, in_axes, out_axes))
+
+  def apply(factors, w):
+    w = jax.lax.stop_gradient(w)    # frozen: no gradient is even computed for K₀ (nor for stages before it)
+    return w + lowrank_delta(factors, resolve(w.ndim, in_axes, out_axes), scale).astype(w.dtype)
+
+  return Reparam(init, apply, roles={"A": "lowrank", "B": "lowrank"}, freezes_base=True, name="lora")

@@ -1,0 +1,48 @@
+"""Learnable multipliers (Velikanov et al. 2026, "Learnable Multipliers: Freeing the Scale of Language Model
+Matrix Layers").
+
+    K'ᵢⱼ = s · cᵢ · Kᵢⱼ · rⱼ      s a scalar, c one per input feature, r one per output unit; all ones at init.
+
+With weight decay on `K`, the matrix norm settles at an equilibrium set by the learning rate and decay
+(‖K‖ ∝ √(η/λ)) rather than by what the data needs; free multipliers (trained with Adam, no decay, even when `K`
+uses Muon) let the scale move. Any subset of `s`, `c`, `r` may be used. `c` and `r` have a rescaling symmetry
+(`c·a`, `r/a` give the same `K'`), which is harmless for training but worth knowing when reading their values.
+For a conv kernel, `c` is per input channel and is shared across the window.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from reparam.core import ConfigError, Reparam
+from reparam.layout import Axes, expand, resolve
+
+
+def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
+                in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
+  """Learnable multipliers `K' = s · c ⊙ K ⊙ r` (choose any non-empty subset; all start at one).
+
+  Args:
+    scalar: a single multiplier `s` for the whole matrix.
+    row: one multiplier per output unit (`r`, shaped like the output axes).
+    col: one multiplier per input feature (`c`, shaped like the input axes).
+    in_axes, out_axes: the kernel's input and output axes (see `reparam.layout`).
+  """
+  chosen = tuple(k for k, on in (("scalar", scalar), ("row", row), ("col", col)) if on)
+  if not chosen:
+    raise ConfigError("multipliers: choose at least one of scalar=True, row=True, col=True")
+
+  def init(key, w):
+    layout = resolve(w.ndim, in_axes, out_axes)
+    shapes = {"scalar": (), "row": layout.out_shape(w.shape), "col": layout.in_shape(w.shape)}
+    return {k: jnp.ones(shapes[k], jnp.float32) for k in chosen}
+
+  def apply(factors, w):
+    layout = resolve(w.ndim, in_axes, out_axes)
+    scale = factors.get("scalar", jnp.ones((), jnp.float32))
+    if "row" in factors:
+      scale = scale * expand(factors["row"], layout, layout.outputs)
+    if "col" in factors:
+      scale = scale * expand(factors["col"], layout, layout.inputs)
+    return (w.astype(jnp.float32) * scale).astype(w.dtype)
+
+  return Reparam(init, apply, roles={k: "multiplier" for k in chosen}, name="multipliers")
