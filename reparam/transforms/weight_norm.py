@@ -34,7 +34,8 @@ def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> R
   return Reparam(init, apply, roles={"g": "gain"}, name="weight_norm")
 
 
-def data_dependent_init(rules, model, rparams, *args, init_scale: float = 1.0, eps: float = 1e-6, **kwargs):
+def data_dependent_init(rules, model, rparams, *args, init_scale: float = 1.0, eps: float = 1e-6,
+                        collections=None, **kwargs):
   """The paper's data-dependent init (§3) for a Flax linen model, in one forward pass over one batch.
 
   For every layer whose kernel is wrapped by a plain `weight_norm()` rule (Dense, DenseGeneral, Conv), in the
@@ -45,7 +46,8 @@ def data_dependent_init(rules, model, rparams, *args, init_scale: float = 1.0, e
   and pass the initialized output `init_scale·(t − μ)/σ` on, so each later layer is initialized on the
   activations it will really see. Statistics are per output unit, over every batch/spatial axis.
 
-  Returns a new rparams; `args`/`kwargs` go to `model.apply` (e.g. the batch, `train=True`).
+  Returns a new rparams; `args`/`kwargs` go to `model.apply` (e.g. the batch, `train=False`), and
+  `collections` holds the model's other variable collections (e.g. `{"batch_stats": ...}`).
   """
   import flax.linen as nn
 
@@ -80,7 +82,7 @@ def data_dependent_init(rules, model, rparams, *args, init_scale: float = 1.0, e
     return node
 
   with nn.intercept_methods(interceptor):
-    model.apply({"params": materialize(rules, rparams)}, *args, **kwargs)
+    model.apply({"params": materialize(rules, rparams), **(collections or {})}, *args, **kwargs)
 
   def replace(tree, prefix=""):
     if not isinstance(tree, dict):

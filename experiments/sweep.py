@@ -1,0 +1,185 @@
+"""Run a config's sweep: every trial in its own sub-workdir, resumable, shardable across machines.
+
+    python -m experiments.sweep --config configs/quickstart.py --workdir runs/quickstart
+    python -m experiments.sweep --config configs/nap.py:smoke --workdir runs/nap --shard 1/4   # machine 2 of 4
+    python -m experiments.sweep --config configs/quickstart.py --workdir runs/q --dry_run     # list the trials
+
+The config module's `get_sweep(arg)` returns override dicts (see configs/common.py); each trial's directory is
+named from its overrides. A rerun skips finished trials (those with result.json) and resumes an interrupted
+one from its checkpoint. `--shard k/N` (k = 0..N-1) runs every N-th trial, so N machines or a scheduler's job
+array can split one sweep over a shared directory. `--vmap_seeds` trains the seeds of each configuration as one
+jitted program. When this shard is done, the report is written and its table printed.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import math
+import os
+import re
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+import reparam
+from experiments import report, results
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file with get_sweep(), optionally `path:arg`.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Sweep directory: one sub-directory per trial, plus report/.")
+flags.DEFINE_string("shard", "0/1", "k/N: run the trials whose index is k modulo N (k = 0..N-1).")
+flags.DEFINE_bool("dry_run", False, "List the trials (and whether each is done) without running anything.")
+flags.DEFINE_bool("vmap_seeds", False, "Train all seeds of a configuration together in one vmapped program.")
+flags.DEFINE_bool("report", True, "Write the report when this shard is done.")
+
+
+def load_sweep(config_arg: str) -> list[dict[str, Any]]:
+  """The override dicts of the config file's `get_sweep(arg)`, or one empty trial if it has none."""
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("_sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    return [{}]
+  sweep = module.get_sweep(arg or None)
+  if not isinstance(sweep, list) or not all(isinstance(d, dict) for d in sweep) or not sweep:
+    raise reparam.ConfigError(f"{path}: get_sweep() must return a non-empty list of override dicts")
+  return sweep
+
+
+def _slug(value: Any) -> str:
+  text = str(value)
+  text = re.sub(r"[\s'\"]", "", text)
+  return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-")
+
+
+def trial_name(overrides: dict[str, Any]) -> str:
+  """A readable, filesystem-safe directory name: `transform=weight_norm,optimizer=muon,seed=0`."""
+  parts = []
+  for key, value in overrides.items():
+    parts_of_key = key.split(".")
+    short = parts_of_key[-2] if parts_of_key[-1] == "name" and len(parts_of_key) > 1 else parts_of_key[-1]
+    parts.append(f"{short}={_slug(value)}")
+  name = ",".join(parts) or "base"
+  if len(name) > 120:
+    name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+  return name
+
+
+def apply_overrides(config, overrides: dict[str, Any], where: str):
+  """A copy of `config` with the dotted-key overrides applied; an unknown key or a wrong type is a ConfigError."""
+  trial = copy.deepcopy(config)
+  for key, value in overrides.items():
+    node, parts = trial, key.split(".")
+    try:
+      for part in parts[:-1]:
+        node = node[part]
+      if parts[-1] not in node:
+        raise KeyError(parts[-1])
+      node[parts[-1]] = value
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+      raise reparam.ConfigError(f"{where}: cannot set {key}={value!r} ({type(e).__name__}: {e})") from None
+  return trial
+
+
+def expand(config, sweep: list[dict]) -> list[dict[str, Any]]:
+  """Trials `{index, name, overrides, config}`, every override checked before anything runs."""
+  trials, names = [], set()
+  for i, overrides in enumerate(sweep):
+    name = trial_name(overrides)
+    if name in names:
+      raise reparam.ConfigError(f"get_sweep()[{i}] repeats trial {name!r}")
+    names.add(name)
+    trials.append({"index": i, "name": name, "overrides": overrides,
+                   "config": apply_overrides(config, overrides, f"get_sweep()[{i}]")})
+  return trials
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  m = re.fullmatch(r"(\d+)/(\d+)", text or "")
+  if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+    raise reparam.ConfigError(f"--shard={text!r} must be k/N with 0 <= k < N, e.g. --shard=0/4")
+  return int(m.group(1)), int(m.group(2))
+
+
+def shard(trials: list[dict], k: int, n: int) -> list[dict]:
+  return [t for t in trials if t["index"] % n == k]
+
+
+def is_done(workdir: str, trial: dict) -> bool:
+  return bool(results.read_json(os.path.join(workdir, trial["name"], "result.json"), {}).get("done"))
+
+
+def seed_groups(trials: list[dict]) -> list[list[dict]]:
+  """Trials that differ only in `seed`, together (in sweep order)."""
+  groups: dict[str, list[dict]] = {}
+  for t in trials:
+    key = trial_name({k: v for k, v in t["overrides"].items() if k != "seed"})
+    groups.setdefault(key, []).append(t)
+  return list(groups.values())
+
+
+def run_trials(workdir: str, trials: list[dict], vmap_seeds: bool) -> None:
+  from tqdm.auto import tqdm
+
+  from experiments import train
+  todo = [t for t in trials if not is_done(workdir, t)]
+  print(f"{len(trials)} trials in this shard: {len(trials) - len(todo)} done, {len(todo)} to run")
+  bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="sweep", unit="trial", dynamic_ncols=True)
+  for group in (seed_groups(todo) if vmap_seeds else [[t] for t in todo]):
+    for t in group:
+      results.write_json(os.path.join(workdir, t["name"], "trial.json"),
+                         {"index": t["index"], "overrides": t["overrides"]})
+    bar.set_postfix_str(group[0]["name"] + (f" (+{len(group) - 1} seeds)" if len(group) > 1 else ""))
+    dirs = [os.path.join(workdir, t["name"]) for t in group]
+    try:
+      finals = train.train_seeds([t["config"] for t in group], dirs)
+    except train.NonFiniteError as e:      # a diverged trial is a result (e.g. a too-large learning rate)
+      finals = [_diverged(d, str(e)) for d in dirs]
+    for t, final in zip(group, finals):
+      bar.write(f"{t['name']}: " + " ".join(f"{k}={v:.4g}" for k, v in final.items()
+                                           if isinstance(v, float) and k.startswith(("eval", "train"))))
+    bar.update(len(group))
+  bar.close()
+
+
+def _diverged(workdir: str, message: str) -> dict:
+  result = {"done": True, "diverged": True, "error": message, "eval_loss": math.nan}
+  results.write_json(os.path.join(workdir, "result.json"), result)
+  return result
+
+
+def main(argv) -> int:
+  del argv
+  FLAGS = flags.FLAGS
+  if not FLAGS.workdir:
+    raise reparam.ConfigError("--workdir is required: the sweep's directory")
+  if FLAGS.config is None:
+    raise reparam.ConfigError("--config is required, e.g. --config configs/quickstart.py")
+  k, n = parse_shard(FLAGS.shard)
+  config_arg = config_flags.get_config_filename(FLAGS["config"])     # "path[:arg]", as given
+  trials = expand(FLAGS.config, load_sweep(config_arg))
+  mine = shard(trials, k, n)
+  if FLAGS.dry_run:
+    for t in mine:
+      print(f"[{t['index']:3d}] {'done' if is_done(FLAGS.workdir, t) else 'todo'}  {t['name']}")
+    print(f"{len(mine)} of {len(trials)} trials in shard {k}/{n}")
+    return 0
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  results.write_json(os.path.join(FLAGS.workdir, "sweep.json"),
+                     {"config": config_arg, "trials": [t["name"] for t in trials],
+                      "report": FLAGS.config.report.to_dict() if "report" in FLAGS.config else {}})
+  run_trials(FLAGS.workdir, mine, FLAGS.vmap_seeds)
+  if FLAGS.report:
+    path = report.write(FLAGS.workdir)
+    with open(path) as f:
+      print(f.read().split("\n## ")[0])
+    print(f"report: {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  from experiments import cli
+  cli.run(main)

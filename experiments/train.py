@@ -1,0 +1,319 @@
+"""Config-driven training: data → model → reparam → optimizer → jitted loop, with eval, metrics and checkpoints.
+
+    python -m experiments.train --config configs/quickstart.py --workdir runs/q [--config.optimizer.name=muon]
+
+Rerunning the same command resumes from the last checkpoint and ends exactly where an uninterrupted run would.
+The workdir gets: config.json, routing.txt (which optimizer owns which leaf), metrics.jsonl (train and eval
+rows), diagnostics.jsonl (per-layer norms, update sizes, singular values, factor statistics), tb/ (TensorBoard),
+checkpoints/, and, once finished, params.msgpack (the merged model) and result.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from flax import serialization
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+import reparam
+from experiments import checkpoint, data, diagnostics, models, results
+from experiments.setup import Setup, build, format_matches, loss_and_accuracy
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path:arg`.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or a gradient became NaN/inf; the message names the step, the leaves and the last checkpoint."""
+
+
+def _mesh():
+  return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def _put_batch(batch: dict, mesh) -> dict:
+  """Shards the batch's leading axis over every device (each process contributes its own slice)."""
+  sharding = NamedSharding(mesh, P("data"))
+  n, i = jax.process_count(), jax.process_index()
+  return {k: jax.make_array_from_process_local_data(sharding, np.array_split(v, n)[i])
+          for k, v in batch.items()}
+
+
+def make_train_step(s: Setup):
+  """The pure step `state, batch -> state`; metrics accumulate in the state between logs."""
+  log_every, skip = s.config.train.log_every, s.config.train.skip_nonfinite
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+    def loss_fn(rp):
+      logits, cols = s.forward(rp, state["collections"], batch["x"], True, rng)
+      loss, acc, _ = loss_and_accuracy(logits, batch["y"])
+      return loss, (acc, cols)
+
+    (loss, (acc, cols)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["rparams"])
+    updates, opt_state = s.tx.update(grads, state["opt_state"], state["rparams"])
+    new = {"rparams": optax.apply_updates(state["rparams"], updates), "opt_state": opt_state,
+           "collections": cols}
+    leaf_ok = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+    ok = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(leaf_ok)))
+    if skip:     # keep the previous parameters and optimizer state for a non-finite step
+      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {k: state[k] for k in new})
+    first_bad = (state["bad_step"] < 0) & ~ok
+    fresh = (state["step"] % log_every) == 0
+    sums = jax.tree.map(lambda a: jnp.where(fresh, 0.0, a), state["sums"])
+    sums = {"loss": sums["loss"] + jnp.where(ok, loss, 0.0), "accuracy": sums["accuracy"] + acc * ok,
+            "count": sums["count"] + ok, "skipped": sums["skipped"] + ~ok}
+    return {**state, **new, "step": state["step"] + 1, "sums": sums,
+            "bad_step": jnp.where(first_bad, state["step"] + 1, state["bad_step"]),
+            "bad_leaves": jax.tree.map(lambda old, good: jnp.where(first_bad, ~good, old),
+                                       state["bad_leaves"], leaf_ok)}
+
+  return step_fn
+
+
+def init_state(s: Setup) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "rparams": s.rparams, "opt_state": s.tx.init(s.rparams),
+          "collections": s.collections, "rng": jax.random.key_data(jax.random.key(s.config.seed + 1)),
+          "sums": {k: jnp.zeros((), jnp.float32) for k in ("loss", "accuracy", "count", "skipped")},
+          "bad_step": -jnp.ones((), jnp.int32), "bad_leaves": jax.tree.map(lambda _: jnp.zeros((), bool),
+                                                                          s.rparams)}
+
+
+def evaluate(s: Setup, state: dict, mesh) -> dict[str, float]:
+  """Loss and accuracy over the whole test split, with the merged (plain) parameters."""
+  params = reparam.merge(s.rules, state["rparams"])
+  totals = np.zeros(3)
+  bs = s.config.data.eval_batch_size
+  for batch in s.dataset.eval_batches(bs):
+    n = len(batch["y"])
+    pad = (-n) % (jax.device_count() * jax.process_count())   # every device gets an equal share
+    batch = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) for k, v in batch.items()}
+    batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    loss, acc, w = s.eval_step(params, state["collections"], _put_batch(batch, mesh))
+    totals += np.array([float(loss) * float(w), float(acc) * float(w), float(w)])
+  out = {"eval_loss": totals[0] / totals[2], "eval_accuracy": totals[1] / totals[2]}
+  if s.dataset.entropy_floor is not None:
+    out["eval_loss_above_floor"] = out["eval_loss"] - s.dataset.entropy_floor
+  return out
+
+
+def _check_finite(state: dict, workdir: str, last_ckpt: int) -> None:
+  bad = int(state["bad_step"])
+  if bad < 0:
+    return
+  leaves = [p for p, b in reparam.flatten(jax.device_get(state["bad_leaves"])).items() if b]
+  where = f"checkpoint of step {last_ckpt} in {workdir}/checkpoints" if last_ckpt else "no checkpoint yet"
+  raise NonFiniteError(
+      f"non-finite loss or gradient at step {bad}; non-finite gradients in: {', '.join(leaves[:6]) or 'none'}"
+      f"{' ...' if len(leaves) > 6 else ''}; last good state: {where}. Lower the learning rate, or set "
+      f"--config.train.skip_nonfinite=True to skip such steps")
+
+
+def _log_row(state: dict) -> dict[str, float]:
+  sums = {k: float(v) for k, v in jax.device_get(state["sums"]).items()}
+  n = max(sums["count"], 1.0)
+  return {"step": int(state["step"]), "train_loss": sums["loss"] / n, "train_accuracy": sums["accuracy"] / n,
+          "skipped_steps": sums["skipped"]}
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) one run; returns the final metrics, also written to `workdir/result.json`."""
+  return train_seeds([config], [workdir])[0]
+
+
+@dataclasses.dataclass
+class Run:
+  """One seed's bookkeeping: where it writes, and what it restored."""
+  config: Any
+  workdir: str
+  setup: Setup
+  mgr: Any = None
+  writer: Any = None
+  last_ckpt: int = 0
+
+
+def _open(run: Run) -> None:
+  os.makedirs(run.workdir, exist_ok=True)
+  results.write_json(os.path.join(run.workdir, "config.json"), run.config.to_dict())
+  routing = reparam.optim.describe(run.config.optimizer, run.setup.rules, run.setup.rparams)
+  with open(os.path.join(run.workdir, "routing.txt"), "w") as f:
+    f.write(format_matches(run.setup.rules, run.setup.params) + "\n\n" + routing + "\n")
+  if run.config.train.verbose:
+    print(routing)
+  run.mgr = checkpoint.manager(os.path.join(run.workdir, "checkpoints"), run.config.train.keep_checkpoints)
+  run.writer = _tensorboard(run.workdir, run.config.train.tensorboard)
+
+
+def _restore(runs: list[Run]) -> tuple[list[dict], int]:
+  """Each run's newest checkpoint at or before the newest step *every* run has (a kill between the seeds'
+  saves leaves them one checkpoint apart), or fresh states at step 0."""
+  states = [init_state(r.setup) for r in runs]
+  common = min(max(r.mgr.all_steps(), default=0) for r in runs)
+  restored = [checkpoint.restore_latest(r.mgr, st, max_step=common) for r, st in zip(runs, states)]
+  start = min(step for _, step in restored)
+  if start and any(step != start for _, step in restored):
+    restored = [checkpoint.restore_latest(r.mgr, st, max_step=start) for r, st in zip(runs, states)]
+  if start == 0:
+    return states, 0
+  for r in runs:
+    r.last_ckpt = start
+  return [st for st, _ in restored], start
+
+
+def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
+  """Trains runs that differ only in their seed; more than one run goes through `jax.vmap` as one program.
+
+  Each run writes exactly what it would write alone (its own metrics, checkpoints and result), so a vmapped
+  group and separate runs can resume each other.
+  """
+  runs = [Run(c, w, build(c)) for c, w in zip(configs, workdirs)]   # config errors surface before any output
+  _check_same_but_seed(configs)
+  for run in runs:
+    _open(run)
+  s, tcfg, n = runs[0].setup, configs[0].train, len(runs)
+  stacked = n > 1
+  mesh = _mesh()
+  states, start = _restore(runs)
+  state = jax.device_put(_stack(states) if stacked else states[0], NamedSharding(mesh, P()))
+  for run in runs:
+    for name in ("metrics.jsonl", "diagnostics.jsonl"):
+      results.truncate_jsonl(os.path.join(run.workdir, name), start)
+
+  step_fn = jax.jit(jax.vmap(make_train_step(s)) if stacked else make_train_step(s), donate_argnums=0)
+  diag_fn = jax.jit(functools.partial(diagnostics.layer_stats, s.rules))
+  base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]   # W₀ for the magnitude/direction analysis
+  view = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if stacked else (lambda tree, i: tree)
+  t0, rows = time.time(), [{} for _ in runs]
+  bar = _progress(start, tcfg.steps, configs[0], n)
+  for step in range(start + 1, tcfg.steps + 1):
+    batch = _batch(runs, step - 1, mesh, stacked)
+    diag_due = tcfg.diagnostics_every and step % tcfg.diagnostics_every == 0
+    prev = jax.tree.map(jnp.copy, state["rparams"]) if diag_due else None   # the step donates its input
+    state = step_fn(state, batch)
+    log_due = step % tcfg.log_every == 0 or step == tcfg.steps
+    eval_due = (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps
+    ckpt_due = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps
+    for i, run in enumerate(runs):
+      st = view(state, i)
+      if diag_due:
+        stats = jax.device_get(diag_fn(view(prev, i), st["rparams"],
+                                       base[i]))
+        results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats}])
+      if log_due or eval_due or ckpt_due:
+        _check_finite(st, run.workdir, run.last_ckpt)
+      if log_due:
+        rows[i] = {**_log_row(st), "steps_per_sec": (step - start) / max(time.time() - t0, 1e-9)}
+      if eval_due:
+        rows[i] = {**(rows[i] if rows[i].get("step") == step else {"step": step}), **evaluate(s, st, mesh)}
+      if log_due or eval_due:
+        results.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), [rows[i]])
+        _write_tb(run.writer, rows[i])
+      if ckpt_due:
+        checkpoint.save(run.mgr, step, jax.device_get(st) if stacked else st)
+        run.last_ckpt = step
+    if log_due or eval_due:
+      bar.set_postfix({k: f"{v:.4g}" for k, v in rows[0].items() if k in ("train_loss", "eval_accuracy")})
+    bar.update(1)
+  bar.close()
+  finals = []
+  for i, run in enumerate(runs):
+    run.mgr.wait_until_finished()
+    row = rows[i] or evaluate(s, view(state, i), mesh)
+    finals.append(_finish(run, view(state, i), {k: v for k, v in row.items() if k != "steps_per_sec"}))
+  return finals
+
+
+def _stack(trees: list):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _batch(runs: list[Run], step: int, mesh, stacked: bool) -> dict:
+  """This step's batch for each seed (stacked on a leading seed axis when vmapped), sharded over devices."""
+  bs = runs[0].config.data.batch_size
+  if not stacked:
+    return _put_batch(runs[0].setup.dataset.batch(step, bs, runs[0].config.seed), mesh)
+  per_seed = [r.setup.dataset.batch(step, bs, r.config.seed) for r in runs]
+  sharding = NamedSharding(mesh, P(None, "data"))
+  return {k: jax.device_put(np.stack([b[k] for b in per_seed]), sharding) for k in per_seed[0]}
+
+
+def _check_same_but_seed(configs: list) -> None:
+  first = {k: v for k, v in configs[0].to_dict().items() if k not in ("seed", "name")}
+  for c in configs[1:]:
+    other = {k: v for k, v in c.to_dict().items() if k not in ("seed", "name")}
+    if other != first:
+      diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+      raise reparam.ConfigError(f"runs trained together must differ only in `seed`; they differ in: {diff}")
+
+
+def _finish(run: Run, state: dict, final: dict) -> dict:
+  s = run.setup
+  params = reparam.merge(s.rules, state["rparams"])
+  tmp = os.path.join(run.workdir, ".params.msgpack.tmp")
+  with open(tmp, "wb") as f:
+    f.write(serialization.to_bytes(jax.device_get(params)))
+  os.replace(tmp, os.path.join(run.workdir, "params.msgpack"))
+  result = {**final, "done": True, "steps": int(state["step"])}
+  if s.dataset.entropy_floor is not None:
+    result["entropy_floor"] = s.dataset.entropy_floor
+  results.write_json(os.path.join(run.workdir, "result.json"), result)
+  if run.writer is not None:
+    run.writer.close()
+  return result
+
+
+def _tensorboard(workdir: str, enabled: bool):
+  if not enabled:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def _write_tb(writer, row: dict) -> None:
+  if writer is not None:
+    for k, v in row.items():
+      if k != "step":
+        writer.add_scalar(k, v, row["step"])
+    writer.flush()
+
+
+def _progress(start: int, total: int, config, seeds: int = 1):
+  from tqdm.auto import tqdm
+  desc = config.get("name", "train") + (f" ×{seeds} seeds" if seeds > 1 else "")
+  return tqdm(total=total, initial=start, desc=desc, unit="step", leave=False,
+              disable=not config.train.progress, dynamic_ncols=True)
+
+
+def main(argv) -> int:
+  del argv
+  FLAGS = flags.FLAGS
+  if not FLAGS.workdir:
+    raise reparam.ConfigError("--workdir is required: the directory for checkpoints, metrics and results")
+  if FLAGS.config is None:
+    raise reparam.ConfigError("--config is required, e.g. --config configs/quickstart.py")
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):      # multi-host: every host runs this same command
+    jax.distributed.initialize()
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except NonFiniteError as e:
+    print(f"error: {e}", file=__import__("sys").stderr)
+    return 3
+  print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+  return 0
+
+
+if __name__ == "__main__":
+  from experiments import cli
+  cli.run(main)
