@@ -8,7 +8,8 @@
 from reparam.core import (ROLES, ConfigError, Reparam, chain, default_role, flatten, identity, init, matches,
                           materialize, merge, roles)
 from reparam.transforms import dora, from_spec, lora, multipliers, rules_from_spec, weight_norm
+from reparam import optim
 
 __all__ = ["ROLES", "ConfigError", "Reparam", "chain", "default_role", "dora", "flatten", "from_spec", "identity",
-           "init", "lora", "matches", "materialize", "merge", "multipliers", "roles", "rules_from_spec",
+           "init", "lora", "matches", "materialize", "merge", "multipliers", "optim", "roles", "rules_from_spec",
            "weight_norm"]

@@ -1,0 +1,104 @@
+"""Normalize-and-Project (Lyle et al. 2024, "Normalization and effective learning rates in reinforcement
+learning", arXiv:2407.01800), the projection half: after every update,
+
+    K ← K · ‖K⁰‖_F / ‖K‖_F
+
+for every projected weight K, with the targets ‖K⁰‖_F taken at `init` and kept in the state. The scale and
+offset of a normalization layer are projected *jointly*: the concatenation (γ, β) of one norm module is
+rescaled to its joint init norm ‖(γ⁰, β⁰)‖. With a normalization layer before each nonlinearity the network is
+invariant to these scales, so the projection changes nothing the network computes and only pins the effective
+learning rate, which would otherwise decay as the weight norms grow.
+
+It is an optax transform in the shape of `optax.keep_params_nonnegative`: it rewrites `updates` so that
+`params + updates` lands on the projection, so it must be **last** in the chain (after AdamW or Muon, their
+weight decay and the learning rate). A leaf whose init norm is 0 (a zero-initialized kernel) is left alone:
+there is no scale to keep, and projecting it would pin it at zero forever.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from reparam.core import ROLES, ConfigError, flatten, path_str
+
+
+class NormalizeAndProjectState(NamedTuple):
+  count: jax.Array     # updates seen so far (int32), for `every`
+  targets: Any         # like params: the float32 target norm at each projected leaf, optax.MaskedNode elsewhere
+
+
+def _groups(roles_tree, roles: Sequence[str], norm_roles: Sequence[str]) -> dict[str, str]:
+  """rparams path -> projection group: the leaf itself, or for norm roles its parent module (joint projection)."""
+  for where, given in (("roles", roles), ("norm_roles", norm_roles)):
+    bad = [r for r in given if r not in ROLES]
+    if bad:
+      raise ConfigError(f"normalize_and_project: {where}: {bad[0]!r} is not a role; valid: {', '.join(ROLES)}")
+  groups = {}
+  for path, role in flatten(roles_tree).items():
+    if role in norm_roles:
+      groups[path] = "norm:" + path.rpartition("/")[0]
+    elif role in roles:
+      groups[path] = "leaf:" + path
+  return groups
+
+
+def _group_norms(groups: dict[str, str], leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """‖·‖_F of each group, over all its leaves together, in float32."""
+  sq = {}
+  for path, group in groups.items():
+    x = leaves[path].astype(jnp.float32)
+    sq[group] = sq.get(group, 0.0) + jnp.sum(x * x)
+  return {group: jnp.sqrt(s) for group, s in sq.items()}
+
+
+def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequence[str] = ("matrix", "head"),
+                          norm_roles: Sequence[str] = ("norm",)) -> optax.GradientTransformation:
+  """The NaP projection as the last optax transform of a chain.
+
+  Args:
+    roles_tree: a tree shaped like the params holding each leaf's role (`reparam.roles(rules, rparams)`).
+    params: the weights whose norms are the targets; default: the params given to `init` (the init weights).
+    every: project after every k-th update only (steps k, 2k, ...); the others pass through unchanged.
+    roles: roles projected leaf by leaf (`K ← K · ‖K⁰‖/‖K‖`).
+    norm_roles: roles projected jointly per parent module (a LayerNorm's scale and bias together).
+  """
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ConfigError(f"normalize_and_project: every must be an integer >= 1, got {every!r}")
+  groups = _groups(roles_tree, roles, norm_roles)
+
+  def targets_of(tree):
+    norms = _group_norms(groups, flatten(tree))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: norms[groups[path_str(p)]] if path_str(p) in groups else optax.MaskedNode(), tree)
+
+  fixed = None if params is None else targets_of(params)
+
+  def init_fn(params):
+    return NormalizeAndProjectState(jnp.zeros([], jnp.int32), targets_of(params) if fixed is None else fixed)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("normalize_and_project needs the params: call update(updates, state, params)")
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    norms = _group_norms(groups, flatten(new))
+    targets = flatten(state.targets)
+    count = optax.safe_increment(state.count)
+    project = count % every == 0
+
+    def one(path, p, u, x):
+      if path not in groups:
+        return u
+      t, n = targets[path], norms[groups[path]]
+      # Zero target: a zero-init leaf, nothing to keep. Zero norm: no direction to rescale.
+      scale = jnp.where((t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
+      projected = (x.astype(jnp.float32) * scale).astype(x.dtype) - p
+      return jnp.where(project, projected.astype(u.dtype), u)
+
+    updates = jax.tree_util.tree_map_with_path(
+        lambda kp, p, u, x: one(path_str(kp), p, u, x), params, updates, new)
+    return updates, NormalizeAndProjectState(count, state.targets)
+
+  return optax.GradientTransformation(init_fn, update_fn)
