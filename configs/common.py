@@ -66,8 +66,10 @@ def base(name: str) -> ml_collections.ConfigDict:
       rules=(),                    # full rules ((regex, spec), ...): when set, replaces the three above
       data_init=False,             # weight norm's data-dependent init on the first batch
   ))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-3, weight_decay=0.0, schedule="cosine", warmup_steps=20,
+  ph = config_dict.placeholder
+  c.optimizer = ml_collections.ConfigDict(dict(      # reparam/optim/config.py documents every key
+      name="adamw", learning_rate=3e-3, adam_learning_rate=3e-3, weight_decay=0.0, b1=0.9, b2=0.999,
+      schedule="cosine", warmup_steps=20, min_lr_ratio=0.0, grad_clip_norm=ph(float), nap=ph(bool),
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=200, log_every=20, eval_every=100, checkpoint_every=100, diagnostics_every=50,
@@ -83,10 +85,24 @@ def base(name: str) -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
+  """Every data key (experiments/data.py); `None` means the dataset's default."""
+  ph = config_dict.placeholder
   return ml_collections.ConfigDict(dict(
-      name="digits", batch_size=64, eval_batch_size=512, dir=config_dict.placeholder(str),
+      name="digits", batch_size=64, eval_batch_size=512,
+      dir=ph(str),                 # TFDS data_dir with prepared (array_record) data
+      seq_len=ph(int), eval_examples=ph(int),                          # language models
+      vocab_size=ph(int), order=ph(int), concentration=ph(float), train_tokens=ph(int),   # markov source
+      train_size=ph(int), task=ph(int), task_kind=ph(str),             # classification task sequences
+      source_seed=ph(int),         # fixes the Markov table / task permutations across seeds
   ))
 
 
 def model_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name="mlp", hidden=(64, 64), norm=config_dict.placeholder(str)))
+  """Every model key (experiments/models.py); `None` means the model's default."""
+  ph = config_dict.placeholder
+  return ml_collections.ConfigDict(dict(
+      name="mlp", hidden=ph(tuple), act=ph(str), norm=ph(str),        # mlp (norm also cnn, transformer)
+      width=ph(float), depth=ph(int), dropout=ph(float), input_noise=ph(float),   # cnn
+      d_model=ph(int), num_heads=ph(int), num_layers=ph(int), mlp_ratio=ph(int), use_bias=ph(bool),
+      dtype=ph(str),                                                     # transformer
+  ))

@@ -38,7 +38,8 @@ class NonFiniteError(RuntimeError):
 
 
 def _mesh():
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  # Auto axes: jax >= 0.7 makes Explicit ones by default, under which an embedding gather needs an out_sharding.
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _put_batch(batch: dict, mesh) -> dict:
