@@ -26,15 +26,6 @@ from ml_collections import config_flags
 import reparam
 from experiments import report, results
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file with get_sweep(), optionally `path:arg`.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Sweep directory: one sub-directory per trial, plus report/.")
-flags.DEFINE_string("shard", "0/1", "k/N: run the trials whose index is k modulo N (k = 0..N-1).")
-flags.DEFINE_bool("dry_run", False, "List the trials (and whether each is done) without running anything.")
-flags.DEFINE_bool("vmap_seeds", False, "Train all seeds of a configuration together in one vmapped program.")
-flags.DEFINE_bool("report", True, "Write the report when this shard is done.")
-
-
 def load_sweep(config_arg: str) -> list[dict[str, Any]]:
   """The override dicts of the config file's `get_sweep(arg)`, or one empty trial if it has none."""
   path, _, arg = config_arg.partition(":")
@@ -180,6 +171,17 @@ def main(argv) -> int:
   return 0
 
 
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Path to a config file with get_sweep(), optionally `path:arg`.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Sweep directory: one sub-directory per trial, plus report/.")
+  flags.DEFINE_string("shard", "0/1", "k/N: run the trials whose index is k modulo N (k = 0..N-1).")
+  flags.DEFINE_bool("dry_run", False, "List the trials (and whether each is done) without running anything.")
+  flags.DEFINE_bool("vmap_seeds", False, "Train all seeds of a configuration together in one vmapped program.")
+  flags.DEFINE_bool("report", True, "Write the report when this shard is done.")
+
+
 if __name__ == "__main__":
   from experiments import cli
+  define_flags()
   cli.run(main)

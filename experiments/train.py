@@ -29,9 +29,6 @@ import reparam
 from experiments import checkpoint, data, diagnostics, models, results
 from experiments.setup import Setup, build, format_matches, loss_and_accuracy
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path:arg`.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-
 
 class NonFiniteError(RuntimeError):
   """The loss or a gradient became NaN/inf; the message names the step, the leaves and the last checkpoint."""
@@ -315,6 +312,13 @@ def main(argv) -> int:
   return 0
 
 
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `path:arg`.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+
+
 if __name__ == "__main__":
   from experiments import cli
+  define_flags()
   cli.run(main)

@@ -1,5 +1,6 @@
 """reparam.optim on a small transformer LM: routing by role, Muon/AdamW updates against optax run on one leaf
 alone, frozen leaves, weight decay, Normalize-and-Project, schedules, config errors, and jit behaviour."""
+import functools
 import math
 
 import jax
@@ -370,8 +371,8 @@ def test_bad_configs_raise_one_line_naming_the_key(lm, config, total_steps, key)
 
 # -------------------------------------------------------------------------------------------------- jit
 
-def test_jitted_train_step_compiles_once(lm):
-  _, rp = lm
+def test_jitted_train_step_compiles_once_and_can_donate_its_state(lm):
+  rp = jax.tree.map(jnp.copy, lm[1])       # donated below: the fixture's arrays must survive
   cfg = dict(MUON, schedule="cosine", warmup_steps=2, grad_clip_norm=1.0, nap={"every": 2})
   tx = optim.make(cfg, RULES, rp, total_steps=10)
   model, traces = LM(), []
@@ -380,7 +381,8 @@ def test_jitted_train_step_compiles_once(lm):
     logits = model.apply({"params": reparam.materialize(RULES, rp)}, tokens)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
 
-  @jax.jit
+  # Donation fails if two state leaves share a buffer (NaP's joint norm-layer target once did).
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(rp, state, tokens):
     traces.append(1)
     value, grads = jax.value_and_grad(loss)(rp, tokens)

@@ -72,7 +72,10 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
   def targets_of(tree):
     norms = _group_norms(groups, flatten(tree))
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: norms[groups[path_str(p)]] if path_str(p) in groups else optax.MaskedNode(), tree)
+        # A copy per leaf: a norm layer's scale and bias share one target value, but must not share a buffer
+        # (a training step that donates its state would donate that buffer twice).
+        lambda p, x: jnp.array(norms[groups[path_str(p)]], copy=True) if path_str(p) in groups
+        else optax.MaskedNode(), tree)
 
   fixed = None if params is None else targets_of(params)
 
