@@ -58,8 +58,7 @@ def curves(trials, out, metric) -> str | None:
   if not drew:
     plt.close(fig)
     return None
-  axes[0][-1].legend(fontsize=7, loc="best")
-  return _save(plt, fig, out, "curves.png")
+  return _save(plt, fig, out, "curves.png", legend_from=axes[0][0])
 
 
 def metric_vs_lr(trials, out, metric) -> str | None:
@@ -78,8 +77,7 @@ def metric_vs_lr(trials, out, metric) -> str | None:
     stds = [np.std(by_lr[lr]) for lr in lrs]
     ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=arm)
   ax.set(xscale="log", xlabel="learning rate", ylabel=f"final {metric}", title=f"final {metric} vs learning rate")
-  ax.legend(fontsize=7)
-  return _save(plt, fig, out, "lr.png")
+  return _save(plt, fig, out, "lr.png", legend_from=ax)
 
 
 def diagnostics(trials, out) -> str | None:
@@ -100,11 +98,22 @@ def diagnostics(trials, out) -> str | None:
     _plot_bands(ax, groups, s, "diag_avg")
     ax.set(xlabel="step", title={"norm": "‖W‖_F (mean over layers)", "update": "‖ΔW‖/‖W‖ per step",
                                  "sigma_max": "top singular value"}[s], yscale="log")
-  axes[0][-1].legend(fontsize=6)
-  return _save(plt, fig, out, "diagnostics.png")
+  return _save(plt, fig, out, "diagnostics.png", legend_from=axes[0][0])
 
 
-def _save(plt, fig, out, name) -> str:
+def _save(plt, fig, out, name, legend_from=None) -> str:
+  """Saves `fig` with one legend below the panels (configuration labels are long)."""
+  handles, labels = legend_from.get_legend_handles_labels() if legend_from is not None else ([], [])
+  if handles:
+    ncol = 2 if len(labels) > 3 else 1
+    rows = math.ceil(len(labels) / ncol)
+    height = fig.get_size_inches()[1]
+    fig.set_size_inches(fig.get_size_inches()[0], height + 0.22 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * rows / (height + 0.22 * rows) + 0.01, 1, 1))
+    fig.savefig(os.path.join(out, name), dpi=110)
+    plt.close(fig)
+    return name
   fig.tight_layout()
   fig.savefig(os.path.join(out, name), dpi=110)
   plt.close(fig)

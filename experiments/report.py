@@ -27,7 +27,7 @@ def load_trials(workdir: str) -> list[dict[str, Any]]:
   trials = []
   for name in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name)
-    spec = results.read_json(os.path.join(path, "trial.json"))
+    spec = results.read_json(os.path.join(path, "trial.json")) if os.path.isdir(path) else None
     if spec is None:
       continue
     trials.append({"name": name, "path": path, "overrides": spec["overrides"],
@@ -38,7 +38,7 @@ def load_trials(workdir: str) -> list[dict[str, Any]]:
 
 
 def _label(overrides: dict, drop: tuple[str, ...]) -> str:
-  return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items() if k not in drop) or "base"
+  return ", ".join(f"{results.short_key(k)}={v}" for k, v in overrides.items() if k not in drop) or "base"
 
 
 def group(trials: list[dict], drop: tuple[str, ...]) -> dict[str, list[dict]]:
@@ -92,6 +92,8 @@ def best_learning_rates(rows: list[dict], metric: str, mode: str) -> list[tuple[
     if LR_KEY in row["overrides"]:
       arms[_label(row["overrides"], (LR_KEY,))].append(row)
   best = []
+  if all(len(rs) < 2 for rs in arms.values()):
+    return best         # every arm has a single learning rate: nothing was chosen
   for arm, rs in arms.items():
     finite = [r for r in rs if math.isfinite(r[metric][0])]
     if finite:

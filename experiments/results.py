@@ -25,16 +25,22 @@ def _plain(x: Any) -> Any:
   return x
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any, sort_keys: bool = True) -> None:
   """Atomic: readers see the previous file or the complete new one."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
   with os.fdopen(fd, "w") as f:
-    json.dump(_plain(obj), f, indent=1, sort_keys=True)
+    json.dump(_plain(obj), f, indent=1, sort_keys=sort_keys)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def short_key(key: str) -> str:
+  """`optimizer.learning_rate` -> `learning_rate`, `optimizer.name` -> `optimizer` (names in labels and paths)."""
+  parts = key.split(".")
+  return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def read_json(path: str, default: Any = None) -> Any:

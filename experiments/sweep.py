@@ -50,9 +50,7 @@ def trial_name(overrides: dict[str, Any]) -> str:
   """A readable, filesystem-safe directory name: `transform=weight_norm,optimizer=muon,seed=0`."""
   parts = []
   for key, value in overrides.items():
-    parts_of_key = key.split(".")
-    short = parts_of_key[-2] if parts_of_key[-1] == "name" and len(parts_of_key) > 1 else parts_of_key[-1]
-    parts.append(f"{short}={_slug(value)}")
+    parts.append(f"{results.short_key(key)}={_slug(value)}")
   name = ",".join(parts) or "base"
   if len(name) > 120:
     name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -121,8 +119,8 @@ def run_trials(workdir: str, trials: list[dict], vmap_seeds: bool) -> None:
   bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc="sweep", unit="trial", dynamic_ncols=True)
   for group in (seed_groups(todo) if vmap_seeds else [[t] for t in todo]):
     for t in group:
-      results.write_json(os.path.join(workdir, t["name"], "trial.json"),
-                         {"index": t["index"], "overrides": t["overrides"]})
+      results.write_json(os.path.join(workdir, t["name"], "trial.json"),     # keeps the sweep's key order
+                         {"index": t["index"], "overrides": t["overrides"]}, sort_keys=False)
     bar.set_postfix_str(group[0]["name"] + (f" (+{len(group) - 1} seeds)" if len(group) > 1 else ""))
     dirs = [os.path.join(workdir, t["name"]) for t in group]
     try:

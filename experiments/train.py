@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -199,6 +200,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     diag_due = tcfg.diagnostics_every and step % tcfg.diagnostics_every == 0
     prev = jax.tree.map(jnp.copy, state["rparams"]) if diag_due else None   # the step donates its input
     state = step_fn(state, batch)
+    _fault("step", step)
     log_due = step % tcfg.log_every == 0 or step == tcfg.steps
     eval_due = (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps
     ckpt_due = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps
@@ -219,6 +221,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
         _write_tb(run.writer, rows[i])
       if ckpt_due:
         checkpoint.save(run.mgr, step, jax.device_get(st) if stacked else st)
+        _fault("save", step)            # the save is still being written in the background here
         run.last_ckpt = step
     if log_due or eval_due:
       bar.set_postfix({k: f"{v:.4g}" for k, v in rows[0].items() if k in ("train_loss", "eval_accuracy")})
@@ -230,6 +233,13 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     row = rows[i] or evaluate(s, view(state, i), mesh)
     finals.append(_finish(run, view(state, i), {k: v for k, v in row.items() if k != "steps_per_sec"}))
   return finals
+
+
+def _fault(point: str, step: int) -> None:
+  """Fault injection for the kill-and-resume tests: `REPARAM_FAULT=save:30` SIGKILLs this process right
+  after the checkpoint of step 30 starts writing, `step:30` right after step 30 is computed."""
+  if os.environ.get("REPARAM_FAULT") == f"{point}:{step}":
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _stack(trees: list):
