@@ -15,7 +15,7 @@ def get_config(arg=None):
   c = common.base("quickstart")
   c.data.batch_size = 64
   c.model.hidden = (128, 128)
-  c.optimizer.update(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=20)
+  c.optimizer.update(name="adamw", learning_rate=3e-3, schedule="cosine", warmup_steps=a.steps // 15)
   c.train.update(steps=a.steps, log_every=max(a.steps // 15, 1), eval_every=max(a.steps // 6, 1),
                  checkpoint_every=max(a.steps // 3, 1), diagnostics_every=max(a.steps // 6, 1))
   c.report.update(metric="eval_loss", target=0.3, target_metric="train_loss")

@@ -5,6 +5,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import fake_prepared
+
 from experiments import data
 from reparam.core import ConfigError
 
@@ -123,17 +125,6 @@ def test_config_errors_name_the_key(config, key):
 # ------------------------------------------------------------------------------------------------- TFDS
 
 tfds = pytest.importorskip("tensorflow_datasets")
-
-
-def fake_prepared(name, data_dir, splits=("train", "test"), file_format="array_record"):
-  """The metadata a `tfds build` leaves (dataset_info.json, features.json), without the records."""
-  b = tfds.builder(name, data_dir=data_dir, file_format=file_format)
-  suffix = "array_record" if file_format == "array_record" else "tfrecord"
-  b.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-      name=s, shard_lengths=[8], num_bytes=0, filename_template=tfds.core.ShardedFileTemplate(
-          data_dir=b.data_dir, dataset_name=name, split=s, filetype_suffix=suffix)) for s in splits]))
-  os.makedirs(b.data_dir, exist_ok=True)
-  b.info.write_to_directory(b.data_dir)
 
 
 def test_unprepared_tfds_fails_fast_with_one_line(tmp_path):

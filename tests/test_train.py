@@ -1,0 +1,131 @@
+"""The training loop end to end: smoke per model, accuracy on digits, kill-and-resume, devices, clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import serialization
+
+from conftest import fake_prepared
+
+from configs import common, quickstart
+from experiments import results, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(config, steps=2):
+  config.train.update(steps=steps, log_every=1, eval_every=steps, checkpoint_every=steps, diagnostics_every=1,
+                      progress=False, tensorboard=False)
+  config.data.update(batch_size=8, eval_batch_size=16)
+  config.optimizer.warmup_steps = 0
+  return config
+
+
+def load_params(workdir):
+  with open(os.path.join(workdir, "params.msgpack"), "rb") as f:
+    return serialization.msgpack_restore(f.read())
+
+
+@pytest.mark.parametrize("dataset,model", [("mnist", "mlp"), ("cifar10", "cnn"), ("tiny_shakespeare",
+                                                                                    "transformer")])
+def test_one_step_smoke_per_model_on_mock_data(tmp_path, dataset, model):
+  c = tiny(common.base("smoke"))
+  c.data.name, c.model.name = dataset, model
+  c.model.update(width=0.125, depth=1, d_model=16, num_heads=2, num_layers=1)
+  c.data.seq_len = 8
+  c.reparam.transform = "chain(weight_norm, multipliers(row=True))"
+  c.data.dir = str(tmp_path / "tfds")
+  fake_prepared(dataset, c.data.dir)
+  with tfds.testing.mock_data(num_examples=32, data_dir=c.data.dir):
+    result = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert result["done"] and np.isfinite(result["eval_loss"]) and result["steps"] == 2
+  diag = results.read_jsonl(os.path.join(tmp_path, "run", "diagnostics.jsonl"))
+  assert len(diag) == 2 and any(k.endswith("/sigma_max") for k in diag[0])
+  assert any(k.endswith("multipliers/row/mean") for k in diag[0])
+  assert os.path.exists(os.path.join(tmp_path, "run", "routing.txt"))
+
+
+def test_200_steps_on_digits_reach_90_percent(tmp_path):
+  c = quickstart.get_config("steps=200")
+  c.train.update(progress=False, tensorboard=False)
+  result = train.train_and_evaluate(c, str(tmp_path))
+  assert result["eval_accuracy"] >= 0.90, result
+  rows = results.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert rows[0]["train_loss"] > 3 * rows[-1]["train_loss"]
+
+
+def run_cli(args, env=None, check=True):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  proc = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+  return proc
+
+
+SHORT = ["--config", "configs/quickstart.py:steps=60", "--config.train.checkpoint_every=10",
+         "--config.train.progress=False", "--config.train.tensorboard=False",
+         "--config.reparam.transform=chain(weight_norm, multipliers(row=True))"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["step:30", "save:30"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, fault):
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  run_cli(SHORT + ["--workdir", full])
+  proc = run_cli(SHORT + ["--workdir", killed], env={"REPARAM_FAULT": fault}, check=False)
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(killed, "result.json"))
+  run_cli(SHORT + ["--workdir", killed])
+  a, b = load_params(full), load_params(killed)
+  for (pa, x), (pb, y) in zip(sorted(results._plain(a).items()), sorted(results._plain(b).items())):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=pa)
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rows]
+  assert strip(results.read_jsonl(os.path.join(full, "metrics.jsonl"))) == strip(
+      results.read_jsonl(os.path.join(killed, "metrics.jsonl")))
+  assert results.read_json(os.path.join(full, "result.json")) == results.read_json(
+      os.path.join(killed, "result.json"))
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_loss_of_one(tmp_path):
+  args = ["--config", "configs/quickstart.py:steps=20", "--config.train.progress=False",
+          "--config.train.tensorboard=False", "--config.reparam.transform=weight_norm"]
+  run_cli(args + ["--workdir", str(tmp_path / "one")])
+  run_cli(args + ["--workdir", str(tmp_path / "eight")],
+          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  one = results.read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+  eight = results.read_jsonl(str(tmp_path / "eight" / "metrics.jsonl"))
+  assert len(one) == len(eight) > 3
+  for r1, r8 in zip(one, eight):
+    for k in ("train_loss", "eval_loss", "eval_accuracy"):
+      if k in r1:
+        np.testing.assert_allclose(r8[k], r1[k], rtol=2e-5, atol=1e-6, err_msg=f"{k} at step {r1['step']}")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.optimzer.learning_rate=0.1"], "no such config key 'optimzer'"),
+    (["--config.data.name=imagenet"], "data.name='imagenet' is not one of: digits, markov"),
+    (["--config.reparam.transform=dropconnect"], "reparam.transform: unknown transform 'dropconnect'"),
+    (["--config.train.steps=-5"], "train.steps=-5 must be a positive integer"),
+    (["--config.optimizer.name=sgd"], "optimizer.name"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+  workdir = tmp_path / "run"
+  proc = run_cli(["--config", "configs/quickstart.py", "--workdir", str(workdir), *args], check=False)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+  assert not workdir.exists()
+
+
+def test_config_json_records_the_resolved_config(tmp_path):
+  c = tiny(quickstart.get_config(), steps=3)
+  train.train_and_evaluate(c, str(tmp_path))
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["optimizer"]["name"] == "adamw" and saved["train"]["steps"] == 3
