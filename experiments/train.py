@@ -235,10 +235,18 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   return finals
 
 
+_FAULT_HITS: dict[str, int] = {}
+
+
 def _fault(point: str, step: int) -> None:
   """Fault injection for the kill-and-resume tests: `REPARAM_FAULT=save:30` SIGKILLs this process right
-  after the checkpoint of step 30 starts writing, `step:30` right after step 30 is computed."""
-  if os.environ.get("REPARAM_FAULT") == f"{point}:{step}":
+  after the checkpoint of step 30 starts writing, `step:30` right after step 30 is computed, and
+  `step:30:3` the third time this process gets there (e.g. in a sweep's third trial)."""
+  spec = os.environ.get("REPARAM_FAULT", "").split(":")
+  if spec[:2] != [point, str(step)]:
+    return
+  _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
+  if _FAULT_HITS[point] == (int(spec[2]) if len(spec) > 2 else 1):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
