@@ -92,7 +92,7 @@ def data_config() -> ml_collections.ConfigDict:
       dir=ph(str),                 # TFDS data_dir with prepared (array_record) data
       seq_len=ph(int), eval_examples=ph(int),                          # language models
       vocab_size=ph(int), order=ph(int), concentration=ph(float), train_tokens=ph(int),   # markov source
-      train_size=ph(int), task=ph(int), task_kind=ph(str),             # classification task sequences
+      train_size=ph(int), task=ph(int), task_kind=ph(str), steps_per_task=ph(int),   # task sequences
       source_seed=ph(int),         # fixes the Markov table / task permutations across seeds
   ))
 

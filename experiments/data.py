@@ -23,6 +23,10 @@ markov: `vocab_size` (16), `order` (2), `concentration` (0.2), `train_tokens` (2
 classification: `train_size` (None: all), `task` (0), `task_kind` (None | "permute" | "random_labels"),
 `source_seed` (0). `source_seed` fixes the data-generating randomness (Markov table, task permutations and
 labels) independently of the run's seed, so the seeds of a sweep see the same task.
+
+Task sequences (plasticity experiments): with `task_kind` and `steps_per_task` set, one run trains on task
+`task`, then `task + 1`, ... switching every `steps_per_task` steps, and `eval_batches(..., step=s)` evaluates
+the task trained at step `s`.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ NAMES = ("digits", "markov", "mnist", "cifar10", "tiny_shakespeare", "lm1b")
 LM_NAMES = ("markov", "tiny_shakespeare", "lm1b")
 TASK_KINDS = ("permute", "random_labels")
 DEFAULTS = dict(name="digits", dir=None, seq_len=64, eval_examples=None, train_size=None, task=0, task_kind=None,
+                steps_per_task=None,
                 source_seed=0, vocab_size=16, order=2, concentration=0.2, train_tokens=2**20)
 RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 DIGITS_TEST = 297
@@ -57,11 +62,17 @@ class Dataset:
   sample: Callable[[int, int, int], dict] = dataclasses.field(repr=False)   # (step, batch_size, seed) -> batch
   eval_get: Callable[[np.ndarray], dict] = dataclasses.field(repr=False)    # eval indices -> batch
   info: dict = dataclasses.field(default_factory=dict)   # extras: entropy_rate, vocab, split names...
+  task_at: Callable[[int], "Dataset"] | None = dataclasses.field(default=None, repr=False)  # task sequences
 
   def batch(self, step: int, batch_size: int, seed: int) -> dict:
     return self.sample(int(step), int(batch_size), int(seed))
 
-  def eval_batches(self, batch_size: int, max_examples: int | None = None) -> Iterator[dict]:
+  def eval_batches(self, batch_size: int, max_examples: int | None = None, step: int | None = None
+                   ) -> Iterator[dict]:
+    """The eval split in order; in a task sequence, that of the task trained at `step` (default: the first)."""
+    if self.task_at is not None:
+      yield from self.task_at(max(int(step or 1) - 1, 0)).eval_batches(batch_size, max_examples)
+      return
     n = self.eval_size if max_examples is None else min(max_examples, self.eval_size)
     for start in range(0, n, batch_size):
       yield self.eval_get(np.arange(start, min(start + batch_size, n)))
@@ -70,7 +81,25 @@ class Dataset:
 def load(config) -> Dataset:
   """The dataset `config` (a ConfigDict or dict, keys in the module docstring) names."""
   opts = _options(config)
+  if opts["steps_per_task"]:
+    return _task_sequence(opts)
   return _LOADERS[opts["name"]](opts)
+
+
+def _task_sequence(opts) -> Dataset:
+  """Task `task + step // steps_per_task` at each step: one network meets a new task every `steps_per_task`."""
+  spt = opts["steps_per_task"]
+
+  @functools.lru_cache(maxsize=4)
+  def task(t: int) -> Dataset:
+    return _LOADERS[opts["name"]]({**opts, "task": opts["task"] + t, "steps_per_task": None})
+
+  def task_at(step: int) -> Dataset:
+    return task(step // spt)
+
+  first = task(0)
+  return dataclasses.replace(first, sample=lambda step, bs, seed: task_at(step).batch(step, bs, seed),
+                             info={**first.info, "steps_per_task": spt}, task_at=task_at)
 
 
 def _options(config) -> dict[str, Any]:
@@ -79,7 +108,7 @@ def _options(config) -> dict[str, Any]:
     opts["task_kind"] = None
   if opts["name"] not in NAMES:
     raise ConfigError(f"data.name={opts['name']!r} is not one of: {', '.join(NAMES)}")
-  for key in ("seq_len", "vocab_size", "order", "train_tokens", "eval_examples", "train_size"):
+  for key in ("seq_len", "vocab_size", "order", "train_tokens", "eval_examples", "train_size", "steps_per_task"):
     if opts[key] is not None and not _is_int(opts[key], 1):
       raise ConfigError(f"data.{key}={opts[key]!r} must be a positive integer")
   for key in ("task", "source_seed"):
@@ -89,6 +118,9 @@ def _options(config) -> dict[str, Any]:
     raise ConfigError(f"data.concentration={opts['concentration']!r} must be a positive number")
   if opts["task_kind"] not in (None,) + TASK_KINDS:
     raise ConfigError(f"data.task_kind={opts['task_kind']!r} is not one of: None, {', '.join(TASK_KINDS)}")
+  if opts["steps_per_task"] and not opts["task_kind"]:
+    raise ConfigError(f"data.steps_per_task={opts['steps_per_task']} needs data.task_kind: one of "
+                      f"{', '.join(TASK_KINDS)}")
   if opts["task_kind"] and opts["name"] in LM_NAMES:
     raise ConfigError(f"data.task_kind={opts['task_kind']!r} needs a classification dataset; "
                       f"data.name={opts['name']!r} is a language model")

@@ -73,11 +73,18 @@ def apply_overrides(config, overrides: dict[str, Any], where: str):
   return trial
 
 
-def expand(config, sweep: list[dict]) -> list[dict[str, Any]]:
-  """Trials `{index, name, overrides, config}`, every override checked before anything runs."""
+def expand(config, sweep: list[dict], workdir: str = "") -> list[dict[str, Any]]:
+  """Trials `{index, name, overrides, config}`, every override checked before anything runs.
+
+  An override `"trial": "pretrain"` names the trial's directory. A string value may name the sweep's directory
+  as `{workdir}`: e.g. `init_from="{workdir}/pretrain"` fine-tunes
+  from the trial `pretrain` of the same sweep (list it first: trials run in order).
+  """
   trials, names = [], set()
   for i, overrides in enumerate(sweep):
-    name = trial_name(overrides)
+    overrides = {k: v.replace("{workdir}", os.path.abspath(workdir)) if isinstance(v, str) and "{workdir}" in v
+                 else v for k, v in overrides.items()}
+    name = overrides.pop("trial", None) or trial_name(overrides)     # an explicit directory name
     if name in names:
       raise reparam.ConfigError(f"get_sweep()[{i}] repeats trial {name!r}")
     names.add(name)
@@ -149,7 +156,7 @@ def main(argv) -> int:
     raise reparam.ConfigError("--config is required, e.g. --config configs/quickstart.py")
   k, n = parse_shard(FLAGS.shard)
   config_arg = config_flags.get_config_filename(FLAGS["config"])     # "path[:arg]", as given
-  trials = expand(FLAGS.config, load_sweep(config_arg))
+  trials = expand(FLAGS.config, load_sweep(config_arg), FLAGS.workdir)
   mine = shard(trials, k, n)
   if FLAGS.dry_run:
     for t in mine:

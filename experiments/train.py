@@ -94,7 +94,8 @@ def evaluate(s: Setup, state: dict, mesh) -> dict[str, float]:
   params = reparam.merge(s.rules, state["rparams"])
   totals = np.zeros(3)
   bs = s.config.data.eval_batch_size
-  for batch in s.dataset.eval_batches(bs):
+  step = int(state["step"])
+  for batch in s.dataset.eval_batches(bs, step=step):
     n = len(batch["y"])
     pad = (-n) % (jax.device_count() * jax.process_count())   # every device gets an equal share
     batch = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) for k, v in batch.items()}
@@ -102,6 +103,8 @@ def evaluate(s: Setup, state: dict, mesh) -> dict[str, float]:
     loss, acc, w = s.eval_step(params, state["collections"], _put_batch(batch, mesh))
     totals += np.array([float(loss) * float(w), float(acc) * float(w), float(w)])
   out = {"eval_loss": totals[0] / totals[2], "eval_accuracy": totals[1] / totals[2]}
+  if "steps_per_task" in s.dataset.info:          # a task sequence: which task this evaluation is of
+    out["task"] = max(step - 1, 0) // s.dataset.info["steps_per_task"]
   if s.dataset.entropy_floor is not None:
     out["eval_loss_above_floor"] = out["eval_loss"] - s.dataset.entropy_floor
   return out

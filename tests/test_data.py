@@ -165,3 +165,15 @@ def test_tfds_text_through_mock_data(tmp_path, name):
     assert len(ds.info["vocab"]) == ds.num_classes < 256
   else:
     assert ds.num_classes == 256
+
+
+def test_task_sequence_switches_tasks_and_evaluates_the_current_one():
+  seq = data.load({"name": "digits", "task_kind": "random_labels", "steps_per_task": 10})
+  tasks = [data.load({"name": "digits", "task_kind": "random_labels", "task": t}) for t in range(3)]
+  for step in (0, 9, 10, 25):
+    assert same(seq.batch(step, 8, 1), tasks[step // 10].batch(step, 8, 1))
+  assert not same(tasks[0].batch(3, 8, 1), tasks[1].batch(3, 8, 1))
+  for step, t in ((10, 0), (11, 1), (30, 2)):    # after step s, the task trained last is (s - 1) // 10
+    assert same(next(seq.eval_batches(16, step=step)), next(tasks[t].eval_batches(16)))
+  with pytest.raises(ConfigError, match="data.steps_per_task=10 needs data.task_kind"):
+    data.load({"name": "digits", "steps_per_task": 10})
