@@ -38,24 +38,50 @@ class ConfigError(ValueError):
   """A bad rule, transform name or option: its message is one line naming the offending key and the fix."""
 
 
+class NoFastForm(Exception):
+  """Raised by a `Reparam.linear` that cannot handle a layer (e.g. its axes are not the layer's): the layer is
+  then run on the materialized weight instead, which is always correct."""
+
+
 class Reparam(NamedTuple):
   """A weight transform: `init(key, w) -> factors`, `apply(factors, w) -> w_effective`.
 
   Besides the two functions (the shape of optax's GradientTransformation), a transform declares:
     roles: the role of each factor, a dict shaped like `init`'s output (e.g. `{"g": "gain"}`);
     freezes_base: whether the weight it receives is frozen (LoRA, DoRA), so the optimizer leaves it alone;
-    name: the key its factors get inside a `chain`, shown in paths such as `Dense_0/kernel/dora/m`.
+    name: the key its factors get inside a `chain`, shown in paths such as `Dense_0/kernel/dora/m`;
+    linear: optional activation-space form, used by `reparam.apply` (see `reparam.fast`):
+
+      linear(factors, w, x, layer) -> y,   y == layer.matmul(x, apply(factors, w))   (no bias)
+
+    computed without forming the effective weight where the math allows. `layer` (a `reparam.fast.Layer`) gives
+    `layer.base(x) == layer.matmul(x, w)`, linear in x and computed in activation space when `w` is a previous
+    chain stage's output; `layer.matmul(x, k)`, the layer's own contraction with any kernel `k` shaped
+    (window..., in..., any out...) (e.g. LoRA's A); `layer.scale_in(x, v)`, x scaled per input feature;
+    `layer.check(layout)`, which raises `NoFastForm` unless the transform's axes are the layer's. Output units are
+    the trailing axes of y, so a per-unit vector broadcasts as is. A transform that freezes `w` must not call
+    `layer.base` (its gradient would reach earlier stages) but `layer.matmul(x, stop_gradient(w))`; `w` is a
+    real array that XLA removes as dead code when unused, so reading it (for a norm) is the only O(in·out) cost.
   """
   init: Callable[[jax.Array, jax.Array], Factors]
   apply: Callable[[Factors, jax.Array], jax.Array]
   roles: Mapping[str, Any] = {}
   freezes_base: bool = False
   name: str = "reparam"
+  linear: Optional[Callable[..., jax.Array]] = None
 
 
 def identity() -> Reparam:
   """The transform that changes nothing and stores no factors: the baseline arm of every comparison."""
-  return Reparam(init=lambda key, w: {}, apply=lambda factors, w: w, roles={}, name="identity")
+  return Reparam(init=lambda key, w: {}, apply=lambda factors, w: w, roles={}, name="identity",
+                 linear=lambda factors, w, x, layer: layer.base(x))
+
+
+def _stage_linear(t: Reparam, factors, w, layer) -> Callable[[jax.Array], jax.Array]:
+  """`x -> layer.matmul(x, t.apply(factors, w))`: `t.linear` where it has one, else on the materialized weight."""
+  if t.linear is None:
+    return lambda x: layer.matmul(x, t.apply(factors, w))
+  return functools.partial(t.linear, factors, w, layer=layer)
 
 
 def chain(*transforms: Reparam) -> Reparam:
@@ -85,9 +111,18 @@ def chain(*transforms: Reparam) -> Reparam:
       w = t.apply(factors[name], w)
     return w
 
+  def linear(factors, w, x, layer):
+    # Stage k sees stages < k twice: as `layer.base` (their activation-space form, called lazily) and as `w`
+    # (their materialized output, dead code unless stage k reads it, e.g. weight norm's ‖w‖₀).
+    base = layer.base
+    for name, t in zip(names, transforms):
+      base = _stage_linear(t, factors[name], w, layer._replace(base=base))
+      w = t.apply(factors[name], w)
+    return base(x)
+
   roles = {name: (jax.tree.map(lambda _: "frozen", dict(t.roles)) if i < last_freezer else t.roles)
            for i, (name, t) in enumerate(zip(names, transforms))}
-  return Reparam(init, apply, roles, freezes_base=last_freezer >= 0, name="chain")
+  return Reparam(init, apply, roles, freezes_base=last_freezer >= 0, name="chain", linear=linear)
 
 
 # ---------------------------------------------------------------------------------------------------- paths

@@ -41,6 +41,21 @@ def lowrank_delta(factors: dict, layout: Layout, scale: float) -> jax.Array:
   return delta if order == tuple(range(layout.ndim)) else jnp.transpose(delta, np.argsort(order))
 
 
+def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: float, out_scale=None) -> jax.Array:
+  """`(x K₀ + s (x A) B) ⊙ out_scale` with the layer's own contraction (see `Reparam.linear`); `K₀` frozen.
+
+  `x A` runs the layer with A as its kernel (a conv's window, padding and strides included), then B contracts the
+  trailing rank axis (a 1×1 projection). A per-output-unit `out_scale` (DoRA's m/n) is folded into B, so that
+  it costs one multiply on `x K₀`, fused with the sum.
+  """
+  xa = layer.matmul(x, factors["A"])
+  b = scale * factors["B"].astype(jnp.float32)
+  y0 = layer.matmul(x, jax.lax.stop_gradient(w))
+  if out_scale is not None:
+    b, y0 = b * out_scale, y0 * out_scale
+  return y0 + jnp.tensordot(xa, b.astype(xa.dtype), 1)
+
+
 def lora(rank: int, alpha: Optional[float] = None, in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
   """LoRA: `K' = K₀ + (α/r)·A B` with `K₀` frozen; `alpha=None` means `α = r` (scale 1).
 
@@ -58,4 +73,10 @@ def lora(rank: int, alpha: Optional[float] = None, in_axes: Axes = -2, out_axes:
     w = jax.lax.stop_gradient(w)    # frozen: no gradient is even computed for K₀ (nor for stages before it)
     return w + lowrank_delta(factors, resolve(w.ndim, in_axes, out_axes), scale).astype(w.dtype)
 
-  return Reparam(init, apply, roles={"A": "lowrank", "B": "lowrank"}, freezes_base=True, name="lora")
+  def linear(factors, w, x, layer):
+    """Activation space: `y = x K₀ + s (x A) B`, never forming `K₀ + sAB`."""
+    layer.check(resolve(w.ndim, in_axes, out_axes))
+    return lowrank_linear(factors, w, x, layer, scale)
+
+  return Reparam(init, apply, roles={"A": "lowrank", "B": "lowrank"}, freezes_base=True, name="lora",
+                 linear=linear)

@@ -45,4 +45,22 @@ def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
       scale = scale * expand(factors["col"], layout, layout.inputs)
     return (w.astype(jnp.float32) * scale).astype(w.dtype)
 
-  return Reparam(init, apply, roles={k: "multiplier" for k in chosen}, name="multipliers")
+  def linear(factors, w, x, layer):
+    """Activation space: `y = s · r ⊙ ((x ⊙ c) K)`, exact since `c` scales the contracted input features and
+    `s·r` the output units; no O(in·out) work beyond the layer's own (for a conv, `c` is per channel, as here)."""
+    layer.check(resolve(w.ndim, in_axes, out_axes))
+    s, row, col = factors.get("scalar"), factors.get("row"), factors.get("col")
+    # The scalar rides on a vector that scales the activations anyway: each pass over them costs as much as a
+    # (tokens × features) matmul's epilogue, so one per side, not two.
+    if s is not None and row is not None:
+      s, row = None, s * row
+    elif s is not None and col is not None:
+      s, col = None, s * col
+    if col is not None:
+      x = layer.scale_in(x, col)
+    y = layer.base(x)
+    if row is not None:
+      y = y * row                          # output units are y's trailing axes
+    return y if s is None else y * s
+
+  return Reparam(init, apply, roles={k: "multiplier" for k in chosen}, name="multipliers", linear=linear)

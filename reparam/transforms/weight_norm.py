@@ -31,7 +31,13 @@ def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> R
     scale = factors["g"].astype(jnp.float32) / norm(w, layout, eps)
     return (w.astype(jnp.float32) * expand(scale, layout, layout.outputs)).astype(w.dtype)
 
-  return Reparam(init, apply, roles={"g": "gain"}, name="weight_norm")
+  def linear(factors, w, x, layer):
+    """Activation space: `y = (x V) ⊙ g/‖V‖₀`; reading V for its norm is the one O(in·out) cost left."""
+    layout = resolve(w.ndim, in_axes, out_axes)
+    layer.check(layout)
+    return layer.base(x) * (factors["g"].astype(jnp.float32) / norm(w, layout, eps))
+
+  return Reparam(init, apply, roles={"g": "gain"}, name="weight_norm", linear=linear)
 
 
 def data_dependent_init(rules, model, rparams, *args, init_scale: float = 1.0, eps: float = 1e-6,

@@ -1,0 +1,168 @@
+"""Activation-space reparameterization of Flax linen models: `reparam.apply(rules, model, rparams, *args)`.
+
+`materialize` forms every effective kernel each step: O(in·out) work (and as much again in the backward pass) on
+top of the layer's O(tokens·in·out) matmul, which shows at small batches. Most transforms have an exact form in
+activation space instead (x the layer's input, y its output before the bias, K the stored kernel):
+
+    multipliers   y = s · r ⊙ ((x ⊙ c) K)                     no O(in·out) work beyond the plain layer
+    weight norm   y = (x V) ⊙ g/‖V‖₀                           reads V once more, for its norm
+    LoRA          y = x K₀ + s (x A) B
+    DoRA          y = (m/n) ⊙ (x K₀ + s (x A) B)               n from ‖K₀‖₀², K₀ᵀA and AᵀA, in O(in·out·r)
+    chain         stage by stage, each stage on the previous stages' activation-space form
+
+`apply` runs the unchanged model under `flax.linen.intercept_methods`: each call of an `nn.Dense`,
+`nn.DenseGeneral` or `nn.Conv` (exactly these classes, not subclasses) whose kernel a rule wraps runs the
+transform's `Reparam.linear` form instead, with the layer's own contraction (a clone of the module with other
+features and no bias: padding, strides, dilation, axes, dtype and precision stay the layer's). Everything else
+runs on the materialized kernel, which is the reference: other layer types, masked or grouped convolutions,
+DenseGeneral with `batch_dims`, a rule whose axes are not the layer's, a transform without `linear`, a kernel
+the layer sees through a lifted transform (`nn.scan`, `nn.remat`, `nn.map_variables`) or variable mapping.
+`explain` says which path each wrapped kernel took.
+
+The model still receives the full materialized tree, so any other read of a kernel (a tied embedding, custom
+code) sees the effective weight; under `jit` the materializations nobody reads are dead code that XLA removes.
+So call `apply` inside `jit` (run eagerly it is correct, but every kernel is also materialized).
+
+NNX: `apply` is for linen. An NNX model uses `materialize` through `nnx.split`/`nnx.merge` (see `reparam.core`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from reparam.core import NoFastForm, Rules, _compile, _map_wrapped
+from reparam.layout import Layout, resolve
+
+LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+class Layer(NamedTuple):
+  """What a `Reparam.linear` form may do with the layer it runs in (the contract is in `Reparam`'s docstring).
+
+    layout: the kernel's axes as the layer contracts them (window..., in..., out...);
+    base: `x -> x·w` (no bias), linear in x; a previous chain stage's activation-space form inside a chain;
+    matmul: `(x, k) -> x·k`, the layer's own contraction (no bias) with any kernel shaped (window..., in..., out'...);
+    scale_in: `(x, v) -> x ⊙ v`, v shaped like the kernel's input axes (for a conv: per channel, over the window).
+  """
+  layout: Layout
+  base: Callable[[jax.Array], jax.Array]
+  matmul: Callable[[jax.Array, jax.Array], jax.Array]
+  scale_in: Callable[[jax.Array, jax.Array], jax.Array]
+
+  def check(self, layout: Layout) -> None:
+    """Raises NoFastForm unless a transform's axes are the layer's (its vectors then line up with x and y)."""
+    if layout != self.layout:
+      raise NoFastForm(f"the rule's axes (window {layout.window}, in {layout.inputs}, out {layout.outputs}) are "
+                       f"not the layer's (window {self.layout.window}, in {self.layout.inputs}, "
+                       f"out {self.layout.outputs}): pass in_axes/out_axes")
+
+
+def layer_of(module: nn.Module, x: jax.Array, w: jax.Array) -> Layer:
+  """The `Layer` of a bound Dense, DenseGeneral or Conv about to be called on `x`, with stored kernel `w`."""
+  if type(module) is nn.Conv:
+    if module.mask is not None or module.feature_group_count != 1:
+      raise NoFastForm("masked or grouped convolution")
+    layout, x_axes = resolve(w.ndim), (x.ndim - 1,)
+  elif type(module) is nn.DenseGeneral:
+    if module.batch_dims:
+      raise NoFastForm("DenseGeneral with batch_dims")
+    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+    x_axes = tuple(sorted(a % x.ndim for a in axis))    # flax's order of the kernel's input axes
+    k = len(x_axes)
+    layout = resolve(w.ndim, tuple(range(k)), tuple(range(k, w.ndim)))
+  else:
+    layout, x_axes = resolve(w.ndim), (x.ndim - 1,)
+  general = type(module) is nn.DenseGeneral
+
+  def matmul(x, kernel):
+    out = tuple(kernel.shape[len(layout.reduce):])
+    layer = module.clone(parent=None, features=out if general else out[0], use_bias=False)
+    return layer.apply({"params": {"kernel": kernel}}, x)
+
+  def scale_in(x, v):
+    return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in x_axes))
+
+  return Layer(layout, lambda x: matmul(x, w), matmul, scale_in)
+
+
+def _fast_call(module, entry, call_args, call_kwargs, busy):
+  t, factors, w, kernel = entry
+  if t.linear is None:
+    raise NoFastForm(f"{t.name} has no activation-space form")
+  # Identity, not equality: the layer must read the very array materialize made for this path, not a slice of
+  # it (nn.scan) or a mapped copy (nn.map_variables), else the stored weight is not what it multiplies by.
+  if module.get_variable("params", "kernel") is not kernel:
+    raise NoFastForm("the layer does not see the wrapped kernel as is (lifted transform or variable mapping)")
+  if len(call_args) + len(call_kwargs) != 1:
+    raise NoFastForm("unexpected call arguments")
+  x = jnp.asarray(call_args[0] if call_args else next(iter(call_kwargs.values())))
+  layer = layer_of(module, x, w)
+  busy.append(module)      # the clones `layer.matmul` applies are our own calls: not to be intercepted
+  try:
+    y = t.linear(factors, w, x, layer)
+  finally:
+    busy.pop()
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  dtype = module.dtype or jnp.result_type(x, kernel, *([] if bias is None else [bias]))
+  if bias is not None:     # bias shape == the output units, trailing in y
+    y = y.astype(dtype) + bias.astype(dtype)
+  return y.astype(dtype)
+
+
+def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, log: Optional[dict] = None):
+  entries = {}
+
+  def on_wrapped(path, t, factors, w):
+    kernel = t.apply(factors, w)      # still passed to the model; dead code under jit where the fast form runs
+    entries[path] = (t, factors, w, kernel)
+    return kernel
+
+  params = _map_wrapped(_compile(rules), rparams, on_wrapped, lambda path, x: x)
+  if log is not None:
+    log.update({p: "materialized: not called through nn.Dense, nn.DenseGeneral or nn.Conv" for p in entries})
+  busy = []
+
+  def intercept(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if busy or context.method_name != "__call__" or type(module) not in LAYERS:
+      return next_fun(*call_args, **call_kwargs)
+    path = "/".join((*module.path, "kernel"))
+    if path not in entries:
+      return next_fun(*call_args, **call_kwargs)
+    try:
+      y = _fast_call(module, entries[path], call_args, call_kwargs, busy)
+    except NoFastForm as e:
+      if log is not None:
+        log[path] = f"materialized: {e}"
+      return next_fun(*call_args, **call_kwargs)
+    if log is not None:
+      log[path] = "fast"
+    return y
+
+  with nn.intercept_methods(intercept):
+    return model.apply({"params": params, **(collections or {})}, *args, **kwargs)
+
+
+def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, **kwargs) -> Any:
+  """`model.apply({"params": materialize(rules, rparams), **collections}, *args, **kwargs)`, in activation space.
+
+  Returns exactly what that call returns (including `mutable=` outputs) and has the same gradients with respect
+  to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
+  has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
+  Meant to be called inside `jit` (e.g. at the top of the loss); linen models only.
+  """
+  return _run(rules, model, rparams, args, collections, kwargs)
+
+
+def explain(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None,
+            **kwargs) -> dict[str, str]:
+  """`{kernel path: "fast" | "materialized: <why>"}` for every wrapped leaf, from one abstract trace (no compute)."""
+  log = {}
+  jax.eval_shape(lambda rp: _run(rules, model, rp, args, collections, kwargs, log), rparams)
+  return log
+
+
+__all__ = ["LAYERS", "Layer", "NoFastForm", "apply", "explain", "layer_of"]
