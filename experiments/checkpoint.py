@@ -4,14 +4,25 @@ orbax writes each step to a temporary directory and renames it when complete, so
 no half-written step behind. A finished step can still be damaged later (a truncated copy, a full disk, a bad
 sync); then the run says so, moves the damaged step aside (`<step>.unreadable`, nothing is deleted) and resumes
 from the newest step that does restore.
+
+orbax does not notice every kind of damage: a flipped byte inside a compressed data file can decode to wrong
+numbers without any error. So each step also records a CRC-32 of every leaf (in orbax's step metadata, written
+atomically with the step), and a restored state whose checksums differ is treated as unreadable too.
 """
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
+import sys
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from reparam.core import path_str
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -20,9 +31,41 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def checksums(state) -> dict[str, int]:
+  """CRC-32 of each leaf's bytes, keyed by its path (a host copy: checkpoints are rare, the state small)."""
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  return {path_str(p): zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+          for p, x in leaves}
+
+
 def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
   # StandardSave/StandardRestore with a target: optax's NamedTuple states come back as NamedTuples.
-  mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+  mgr.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata={"crc32": checksums(state)})
+
+
+def _restore_step(path: str, abstract):
+  """One step, read without the manager: a manager that once met a damaged step (e.g. one whose item
+  directory is gone) infers a different layout and then fails on every good step and on the next save."""
+  with open(os.path.join(path, "_CHECKPOINT_METADATA")) as f:
+    expected = (json.load(f).get("custom_metadata") or {}).get("crc32")
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    state = ckptr.restore(os.path.join(path, "default"), args=ocp.args.StandardRestore(abstract))
+  if expected is not None:            # None: a checkpoint written before checksums existed
+    got = checksums(state)
+    bad = [k for k in expected if got.get(k) != expected[k]] + [k for k in got if k not in expected]
+    if bad:
+      raise ValueError(f"checksum mismatch in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+  return state
+
+
+def _collect_quietly() -> None:
+  """After a failed read orbax leaves the reads it never awaited; collected later, each prints a ~60-line
+  'Exception ignored' traceback that would bury the one-line warning. Collect them now, silently."""
+  hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
 
 
 def restore_latest(mgr: ocp.CheckpointManager, like, max_step: int | None = None, log=logging.warning):
@@ -32,13 +75,14 @@ def restore_latest(mgr: ocp.CheckpointManager, like, max_step: int | None = None
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   for step in sorted((s for s in mgr.all_steps() if max_step is None or s <= max_step), reverse=True):
+    path = os.path.join(str(mgr.directory), str(step))
     try:
-      return mgr.restore(step, args=ocp.args.StandardRestore(abstract)), step
+      return _restore_step(path, abstract), step
     except Exception as e:  # noqa: BLE001  any failure to read a step means: try the one before
-      path = os.path.join(str(mgr.directory), str(step))
-      log(f"checkpoint step {step} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-          f"moved to {path}.unreadable, trying the previous one")
-      if os.path.isdir(path):
-        os.replace(path, f"{path}.unreadable")
-      mgr.reload()
+      error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+    _collect_quietly()
+    log(f"checkpoint step {step} is unreadable ({error}); moved to {path}.unreadable, trying the previous one")
+    if os.path.isdir(path):
+      os.replace(path, f"{path}.unreadable")
+    mgr.reload()
   return like, 0

@@ -7,6 +7,7 @@ whose traceback we want to see.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -16,7 +17,13 @@ from reparam.core import ConfigError
 
 flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
 
-INPUT_ERRORS = (ConfigError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+INPUT_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                IsADirectoryError)
+
+
+def _unquote(line: str) -> str:
+  line = line.strip()
+  return line[1:-1].strip() if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"" else line
 
 
 def one_line(e: BaseException) -> str:
@@ -24,10 +31,39 @@ def one_line(e: BaseException) -> str:
   msg = str(e)
   if isinstance(e, KeyError) and e.args:
     msg = str(e.args[0])
-  lines = [line.strip(" '\"") for line in msg.splitlines() if line.strip(" '\"")]
+  if "Traceback (most recent call last)" in msg:   # config_flags wraps an error in get_config with its traceback
+    head, _, trace = msg.partition("Traceback (most recent call last)")
+    head = head.strip().removesuffix("Error whilst parsing config file:").strip()
+    msg = f"{head} {trace.strip().splitlines()[-1]}"
+  # KeyError's message is a quoted repr: unquote whole lines only, so "... base 10: 'ten'" keeps its quote
+  lines = [_unquote(line) for line in msg.splitlines() if _unquote(line)]
   if isinstance(e, KeyError) and lines:
     lines[0] = f"no such config key {lines[0]!r}"
   return "; ".join(lines) or type(e).__name__
+
+
+def check_workdir(path: str) -> None:
+  """A workdir that cannot be created or written fails now, not after minutes of set-up."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir={path!r} is a file, not a directory")
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f"--workdir={path!r} cannot be created: {parent!r} is a file, not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={path!r} is not writable: no write permission on {parent!r}")
+
+
+def _unloaded_config(name: str) -> str | None:
+  """config_flags keeps a config file it could not load (missing, unreadable) as a placeholder that raises
+  only when first used, deep inside the run; its error, on one line, or None."""
+  value = flags.FLAGS[name].value
+  if type(value).__name__ != "_ErrorConfig":
+    return None
+  error = object.__getattribute__(value, "_error")
+  last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+  return f"--{name}: cannot load the config file: {last}"
 
 
 def fail(message: str) -> None:
@@ -45,6 +81,10 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
     if debug:
       raise
     fail(one_line(e))
+  for name in flags.FLAGS:
+    error = _unloaded_config(name)
+    if error and not debug:
+      fail(error)
   try:
     code = main(rest)
   except INPUT_ERRORS as e:

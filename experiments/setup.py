@@ -5,8 +5,12 @@ All validation happens here, before a run writes anything: a bad name, option or
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -50,16 +54,66 @@ def rules_from_config(cfg) -> list:
   t = reparam.from_spec(cfg.transform, "reparam.transform")
   if t is None:
     return []
+  for key in ("exclude", "targets"):     # named by their config key, not as rules[i]
+    try:
+      re.compile(cfg.get(key) or "")
+    except re.error as e:
+      raise reparam.ConfigError(f"reparam.{key}={cfg.get(key)!r} is not a valid regex: {e}") from None
   return ([(cfg.exclude, None)] if cfg.get("exclude") else []) + [(cfg.targets, t)]
 
 
-def _check_positive(config, keys) -> None:
+def _init_rparams(cfg, rules, params, key):
+  """`reparam.init`, its errors (a rule matching nothing, a rank too large for a leaf) prefixed with the keys
+  that made the rules."""
+  try:
+    return reparam.init(rules, params, key)
+  except reparam.ConfigError as e:
+    where = ("reparam.rules" if cfg.get("rules") else
+             f"reparam.transform={cfg.transform!r} on reparam.targets={cfg.targets!r}")
+    raise reparam.ConfigError(f"{where}: {e}") from None
+
+
+def _check_positive(config, keys, zero_ok: bool = False) -> None:
+  """Integers >= 1 (or >= 0, and None, for the intervals where 0 or None means never)."""
   for key in keys:
     node = config
     for part in key.split("."):
       node = node[part]
-    if not isinstance(node, (int, np.integer)) or isinstance(node, bool) or node <= 0:
-      raise reparam.ConfigError(f"{key}={node!r} must be a positive integer")
+    if zero_ok and node is None:
+      continue
+    if not isinstance(node, (int, np.integer)) or isinstance(node, bool) or node < (0 if zero_ok else 1):
+      raise reparam.ConfigError(f"{key}={node!r} must be a " +
+                                ("non-negative integer (0: never)" if zero_ok else "positive integer"))
+
+
+def _validate(config) -> None:
+  """The checks of plain values, before any data or model."""
+  _check_positive(config, ["train.steps", "train.log_every", "data.batch_size", "data.eval_batch_size"])
+  _check_positive(config, ["train.eval_every", "train.checkpoint_every", "train.diagnostics_every"], zero_ok=True)
+  if config.train.get("keep_checkpoints") is not None:      # None: orbax keeps every checkpoint
+    _check_positive(config, ["train.keep_checkpoints"])
+  devices = jax.device_count()
+  if config.data.batch_size % devices:
+    raise reparam.ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of the "
+                              f"{devices} devices it is split over")
+
+
+class _DropNotPrepared(logging.Filter):
+  """tfds warns that a dataset folder has no dataset_info.json right before data.load raises its own error
+  about unprepared data: a second line on stderr saying less."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  log, drop = logging.getLogger("absl"), _DropNotPrepared()
+  log.addFilter(drop)
+  try:
+    yield
+  finally:
+    log.removeFilter(drop)
 
 
 def _load_pretrained(params: dict, path: str) -> dict:
@@ -78,13 +132,10 @@ def _load_pretrained(params: dict, path: str) -> dict:
 
 
 def build(config) -> Setup:
-  _check_positive(config, ["train.steps", "train.log_every", "data.batch_size", "data.eval_batch_size"])
-  devices = jax.device_count()
-  if config.data.batch_size % devices:
-    raise reparam.ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of the "
-                              f"{devices} devices it is split over")
+  _validate(config)
   rules = rules_from_config(config.reparam)
-  dataset = data.load(config.data)
+  with _quiet_tfds():
+    dataset = data.load(config.data)
   model = models.make(config.model, dataset)
   key = jax.random.key(config.seed)
   x = dataset.batch(0, 2, config.seed)["x"]
@@ -92,13 +143,38 @@ def build(config) -> Setup:
   params, collections = variables["params"], {k: v for k, v in variables.items() if k != "params"}
   if config.get("init_from"):
     params = _load_pretrained(params, config.init_from)
-  rparams = reparam.init(rules, params, jax.random.fold_in(key, 1))
+  rparams = _init_rparams(config.reparam, rules, params, jax.random.fold_in(key, 1))
   if config.reparam.get("data_init"):
     batch = dataset.batch(0, config.data.batch_size, config.seed)["x"]
-    rparams = data_dependent_init(rules, model, rparams, batch, train=False, collections=collections)
+    # In train mode, as the paper's code: the statistics are those training sees (dropout, input noise, batch
+    # statistics); in eval mode a CNN with dropout 0.5 started with ~8x too large logits.
+    rparams = data_dependent_init(rules, model, rparams, batch, train=True, collections=collections,
+                                  rngs={"dropout": jax.random.fold_in(key, 2)}, mutable=list(collections))
   tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps)
   return Setup(config, dataset, model, rules, params, collections, rparams, tx,
                _forward_fn(model, rules, config.train.get("fast_path", True)), _eval_fn(model))
+
+
+def check(config, datasets: dict | None = None) -> None:
+  """Every check of `build` except `init_from`, computing nothing (shapes come from `jax.eval_shape`): a sweep
+  checks all its trials before it starts the first, so a bad value in its last trial fails in seconds, not
+  hours in. `init_from` is left out: it may name a trial of the same sweep that has not run yet.
+  `datasets` caches loaded datasets by their config across calls."""
+  _validate(config)
+  rules = rules_from_config(config.reparam)
+  cache_key = json.dumps(config.data.to_dict(), sort_keys=True, default=str)
+  if datasets is None or cache_key not in datasets:
+    with _quiet_tfds():
+      dataset = data.load(config.data)
+    if datasets is not None:
+      datasets[cache_key] = dataset
+  dataset = datasets[cache_key] if datasets is not None else dataset
+  model = models.make(config.model, dataset)
+  x = dataset.batch(0, 2, config.seed)["x"]
+  key = jax.random.key(config.seed)
+  params = jax.eval_shape(lambda k: model.init({"params": k, "dropout": k}, x, train=False), key)["params"]
+  rparams = jax.eval_shape(lambda p, k: _init_rparams(config.reparam, rules, p, k), params, key)
+  reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps)
 
 
 def _forward_fn(model, rules, fast: bool):

@@ -63,11 +63,18 @@ def apply_overrides(config, overrides: dict[str, Any], where: str):
   for key, value in overrides.items():
     node, parts = trial, key.split(".")
     try:
-      for part in parts[:-1]:
-        node = node[part]
-      if parts[-1] not in node:
-        raise KeyError(parts[-1])
+      for i, part in enumerate(parts):
+        level = ".".join(parts[:i]) or "the config"     # name the key and what its level does have
+        if not hasattr(node, "keys"):
+          raise reparam.ConfigError(f"{where}: cannot set {key}={value!r}: {level} is a value, not a group")
+        if part not in node:
+          raise reparam.ConfigError(f"{where}: cannot set {key}={value!r}: no such config key; {level} has: "
+                                    f"{', '.join(sorted(node))}")
+        if i < len(parts) - 1:
+          node = node[part]
       node[parts[-1]] = value
+    except reparam.ConfigError:
+      raise
     except (KeyError, AttributeError, TypeError, ValueError) as e:
       raise reparam.ConfigError(f"{where}: cannot set {key}={value!r} ({type(e).__name__}: {e})") from None
   return trial
@@ -117,6 +124,19 @@ def seed_groups(trials: list[dict]) -> list[list[dict]]:
   return list(groups.values())
 
 
+def check_trials(workdir: str, trials: list[dict]) -> None:
+  """Builds nothing but checks every trial still to run, as `train` would, before the sweep writes anything:
+  a bad value in the last trial must not surface after the first ones have run for hours."""
+  from experiments import setup
+  datasets: dict = {}
+  for t in trials:
+    if not is_done(workdir, t):
+      try:
+        setup.check(t["config"], datasets)
+      except reparam.ConfigError as e:
+        raise reparam.ConfigError(f"get_sweep()[{t['index']}] (trial {t['name']}): {e}") from None
+
+
 def run_trials(workdir: str, trials: list[dict], vmap_seeds: bool) -> None:
   from tqdm.auto import tqdm
 
@@ -155,6 +175,8 @@ def main(argv) -> int:
   if FLAGS.config is None:
     raise reparam.ConfigError("--config is required, e.g. --config configs/quickstart.py")
   k, n = parse_shard(FLAGS.shard)
+  from experiments import cli
+  cli.check_workdir(FLAGS.workdir)
   config_arg = config_flags.get_config_filename(FLAGS["config"])     # "path[:arg]", as given
   trials = expand(FLAGS.config, load_sweep(config_arg), FLAGS.workdir)
   mine = shard(trials, k, n)
@@ -163,6 +185,7 @@ def main(argv) -> int:
       print(f"[{t['index']:3d}] {'done' if is_done(FLAGS.workdir, t) else 'todo'}  {t['name']}")
     print(f"{len(mine)} of {len(trials)} trials in shard {k}/{n}")
     return 0
+  check_trials(FLAGS.workdir, mine)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   results.write_json(os.path.join(FLAGS.workdir, "sweep.json"),
                      {"config": config_arg, "trials": [t["name"] for t in trials],

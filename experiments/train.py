@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
@@ -124,7 +125,7 @@ def _check_finite(state: dict, workdir: str, last_ckpt: int) -> None:
 
 def _log_row(state: dict) -> dict[str, float]:
   sums = {k: float(v) for k, v in jax.device_get(state["sums"]).items()}
-  n = max(sums["count"], 1.0)
+  n = sums["count"] or float("nan")      # every step of the interval skipped: no loss, not a loss of 0
   return {"step": int(state["step"]), "train_loss": sums["loss"] / n, "train_accuracy": sums["accuracy"] / n,
           "skipped_steps": sums["skipped"]}
 
@@ -181,6 +182,8 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   """
   runs = [Run(c, w, build(c)) for c, w in zip(configs, workdirs)]   # config errors surface before any output
   _check_same_but_seed(configs)
+  for c, w in zip(configs, workdirs):
+    _check_resumable(c, w)
   for run in runs:
     _open(run)
   s, tcfg, n = runs[0].setup, configs[0].train, len(runs)
@@ -197,6 +200,10 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]   # W₀ for the magnitude/direction analysis
   view = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if stacked else (lambda tree, i: tree)
   t0, rows = time.time(), [{} for _ in runs]
+  if start == tcfg.steps:    # stopped after the last checkpoint, before result.json: its final row is logged
+    for i, run in enumerate(runs):
+      last = [r for r in results.read_jsonl(os.path.join(run.workdir, "metrics.jsonl")) if r.get("step") == start]
+      rows[i] = last[-1] if last else {}
   bar = _progress(start, tcfg.steps, configs[0], n)
   for step in range(start + 1, tcfg.steps + 1):
     batch = _batch(runs, step - 1, mesh, stacked)
@@ -213,8 +220,13 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
         stats = jax.device_get(diag_fn(view(prev, i), st["rparams"],
                                        base[i]))
         results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats}])
-      if log_due or eval_due or ckpt_due:
-        _check_finite(st, run.workdir, run.last_ckpt)
+      if (log_due or eval_due or ckpt_due) and not tcfg.skip_nonfinite:   # skipping: the step was undone
+        try:
+          _check_finite(st, run.workdir, run.last_ckpt)
+        except NonFiniteError:
+          for r in runs:      # commit the checkpoint the message names before the process exits
+            r.mgr.wait_until_finished()
+          raise
       if log_due:
         rows[i] = {**_log_row(st), "steps_per_sec": (step - start) / max(time.time() - t0, 1e-9)}
       if eval_due:
@@ -276,6 +288,37 @@ def _check_same_but_seed(configs: list) -> None:
       raise reparam.ConfigError(f"runs trained together must differ only in `seed`; they differ in: {diff}")
 
 
+# What a rerun may change without changing what the run computes: display, logging, the report, and the remedy
+# the NonFiniteError message suggests.
+_MAY_CHANGE_ON_RESUME = ("name", "train.progress", "train.tensorboard", "train.verbose", "train.skip_nonfinite",
+                         "train.keep_checkpoints", "report.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _check_resumable(config, workdir: str) -> None:
+  """Refuses, before anything is written, a workdir that is not a directory or that holds a run of another
+  config: resuming that would move its checkpoints aside as unreadable and overwrite its metrics and results."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise reparam.ConfigError(f"workdir {workdir!r} is a file, not a directory")
+  old = results.read_json(os.path.join(workdir, "config.json"))
+  if not isinstance(old, dict):
+    return
+  before, now = _flat(old), _flat(json.loads(json.dumps(results._plain(config.to_dict()))))
+  diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
+          and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in _MAY_CHANGE_ON_RESUME)]
+  if diff:
+    shown = ", ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in diff[:3])
+    raise reparam.ConfigError(f"workdir {workdir!r} holds a run of another config ({shown}"
+                              f"{', ...' if len(diff) > 3 else ''}); rerun with its config to resume it, "
+                              f"or use a new workdir")
+
+
 def _finish(run: Run, state: dict, final: dict) -> dict:
   s = run.setup
   params = reparam.merge(s.rules, state["rparams"])
@@ -321,6 +364,8 @@ def main(argv) -> int:
     raise reparam.ConfigError("--workdir is required: the directory for checkpoints, metrics and results")
   if FLAGS.config is None:
     raise reparam.ConfigError("--config is required, e.g. --config configs/quickstart.py")
+  from experiments import cli
+  cli.check_workdir(FLAGS.workdir)
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):      # multi-host: every host runs this same command
     jax.distributed.initialize()
   logging.getLogger("absl").setLevel(logging.WARNING)
