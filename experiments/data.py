@@ -14,7 +14,7 @@ Images are float32 in [0, 1], `(B, H, W, C)`; labels int32.
 | digits | classification, (8, 8, 1), 10 | yes | scikit-learn's 1797 bundled images; the last 297 are the test split |
 | markov | lm, (seq_len,), vocab_size | yes | order-k Markov source with Dirichlet rows; `entropy_floor` is exact |
 | mnist, cifar10 | classification | no | `tfds.data_source`, read by index (nothing loaded whole) |
-| tiny_shakespeare | lm | no | characters; the vocabulary is the sorted characters of train and test |
+| tiny_shakespeare | lm | no | characters (sorted, of train and test); with `vocab_size=256`, UTF-8 bytes as lm1b |
 | lm1b | lm, vocab 256 | no | bytes of UTF-8 sentences joined by b"\\n", each window starts at a sentence |
 
 Config keys (None means the default): `name` ("digits"), `dir` (TFDS data_dir; None: tfds' default),
@@ -330,14 +330,18 @@ def _text(example) -> str:
 def _load_tiny_shakespeare(opts) -> Dataset:
   _, src = _tfds_sources("tiny_shakespeare", ("train", "test"), opts["dir"])
   texts = {s: "".join(_text(src[s][i]) for i in range(len(src[s]))) for s in src}
-  codes = {s: np.frombuffer(t.encode("utf-32-le"), np.uint32) for s, t in texts.items()}
-  vocab = np.unique(np.concatenate(list(codes.values())))
-  stream = {s: np.searchsorted(vocab, c).astype(np.uint16) for s, c in codes.items()}
+  if opts["vocab_size"] == 256:      # bytes, lm1b's vocabulary: an lm1b model fine-tunes on it (configs/dora.py)
+    stream = {s: np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16) for s, t in texts.items()}
+    vocab = np.arange(256)
+  else:
+    codes = {s: np.frombuffer(t.encode("utf-32-le"), np.uint32) for s, t in texts.items()}
+    vocab = np.unique(np.concatenate(list(codes.values())))
+    stream = {s: np.searchsorted(vocab, c).astype(np.uint16) for s, c in codes.items()}
   if len(stream["train"]) < opts["seq_len"] + 1:
     raise ConfigError(f"data.seq_len={opts['seq_len']} is longer than tiny_shakespeare's train split")
   return _lm("tiny_shakespeare", _window_sampler(stream["train"][None], opts["seq_len"]),
              _windows(stream["test"], opts["seq_len"], opts["eval_examples"]), len(vocab), opts,
-             len(stream["train"]), vocab="".join(map(chr, vocab)))
+             len(stream["train"]), vocab="".join(map(chr, vocab)) if len(vocab) < 256 else "bytes")
 
 
 def _utf8_bytes(source, start: int, n: int) -> np.ndarray:

@@ -7,6 +7,8 @@ For every effective kernel `W` (viewed as `(fan_in, fan_out)`, one column per ou
   sigma_max  the top singular value (the diagnostic of the layerwise-scaling rules);
   dM, dD     magnitude and direction change against the starting weights W₀ (DoRA paper §3.2):
              dM = mean_j |‖W_j‖ − ‖W₀_j‖|,   dD = mean_j (1 − cos(W_j, W₀_j)).
+For a wrapped kernel, also `w_norm`: ‖K‖_F of the stored matrix (the `w` leaf, e.g. under multipliers), which is
+what weight decay acts on, hence what the √(η/λ) equilibrium is about.
 And for every gain, magnitude and multiplier factor: mean, std, min, max.
 """
 from __future__ import annotations
@@ -46,6 +48,8 @@ def layer_stats(rules, rparams_prev, rparams, base_params) -> dict[str, jax.Arra
     for k, v in _kernel_stats(w, prev[path], base[path]).items():
       out[f"{path}/{k}"] = v
   for path, x in reparam.flatten(rparams).items():
+    if path.endswith("/" + reparam.core.WEIGHT) and x.ndim >= 2:    # a wrapped kernel's stored matrix: the one
+      out[f"{path.rpartition('/')[0]}/w_norm"] = jnp.linalg.norm(x.astype(jnp.float32))   # weight decay acts on
     if path.split("/")[-1] in FACTOR_NAMES and "/" in path:
       x = x.astype(jnp.float32)
       out.update({f"{path}/mean": x.mean(), f"{path}/std": x.std(), f"{path}/min": x.min(),

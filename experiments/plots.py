@@ -101,6 +101,155 @@ def diagnostics(trials, out) -> str | None:
   return _save(plt, fig, out, "diagnostics.png", legend_from=axes[0][0])
 
 
+def magnitude_direction_points(trial) -> list[tuple[str, int, float, float]]:
+  """`(kernel, step, ΔD, ΔM)` of every kernel that moved, from `<kernel>/dD`, `/dM`. A frozen kernel has ΔM = 0
+  exactly, and ΔD = 1 − cos up to float32 rounding (~1e-7)."""
+  points = []
+  for row in trial["diagnostics"]:
+    for key, dd in row.items():
+      if key.endswith("/dD") and key[:-2] + "dM" in row:
+        dm = row[key[:-2] + "dM"]
+        if dm > 0 or dd > 1e-5:
+          points.append((key[:-3], int(row["step"]), float(dd), float(dm)))
+  return points
+
+
+def _pearson(x, y) -> float:
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if len(x) < 3 or x.std() == 0 or y.std() == 0:
+    return math.nan
+  return float(np.corrcoef(x, y)[0, 1])
+
+
+def magnitude_direction_fit(trials) -> dict:
+  """The DoRA paper's §3.2 statistics over the (ΔD, ΔM) points of `trials` (a configuration's seeds): the slope
+  of the least-squares line ΔM = a + b·ΔD and Pearson's r over every (kernel, checkpoint), and `r_within_step`,
+  the mean over (seed, checkpoint) of r across kernels (free of the common growth of both with training), and
+  `r_by_module`, r over the points of each module name (`block_*/query/kernel` -> `query`)."""
+  pts = [(t["name"], p) for t in trials for p in magnitude_direction_points(t)]
+  if len(pts) < 3:
+    return {}
+  dd, dm = np.array([p[2] for _, p in pts]), np.array([p[3] for _, p in pts])
+  slope = float(np.polyfit(dd, dm, 1)[0]) if dd.std() > 0 else math.nan
+  by_step = defaultdict(list)
+  for name, p in pts:
+    by_step[name, p[1]].append(p)
+  within = [_pearson([p[2] for p in ps], [p[3] for p in ps]) for ps in by_step.values()]
+  within = [r for r in within if math.isfinite(r)]
+  by_module = defaultdict(list)        # e.g. every layer's query kernel together (the paper's Fig. 2 is of these)
+  for _, p in pts:
+    by_module[p[0].split("/")[-2] if "/" in p[0] else p[0]].append(p)
+  return {"slope": slope, "r": _pearson(dd, dm), "r_within_step": float(np.mean(within)) if within else math.nan,
+          "r_by_module": {k: _pearson([p[2] for p in ps], [p[3] for p in ps]) for k, ps in by_module.items()},
+          "points": len(pts)}
+
+
+def magnitude_direction(trials, out) -> str | None:
+  """ΔM against ΔD of every moved kernel at every diagnostics step, one panel per fine-tuning configuration (trials
+  with `init_from`: the change is measured from the pretrained weights), as in the DoRA paper's Fig. 2; the fitted
+  slopes and correlations also go to `magnitude_direction.json`."""
+  tuned = [t for t in trials if "init_from" in t["overrides"] and magnitude_direction_points(t)]
+  if not tuned:
+    return None
+  from experiments import results
+  tuned.sort(key=lambda t: (results.read_json(os.path.join(t["path"], "trial.json")) or {}).get("index", 0))
+  plt = _pyplot()
+  groups = group(tuned, (SEED_KEY,))
+  ncol = min(4, len(groups))
+  nrow = math.ceil(len(groups) / ncol)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.2 * nrow), squeeze=False)
+  stats, last = {}, max(p[1] for t in tuned for p in magnitude_direction_points(t))
+  for ax, (label, ts) in zip(axes.flat, groups.items()):
+    pts = [p for t in ts for p in magnitude_direction_points(t)]
+    dd, dm = np.array([p[2] for p in pts]), np.array([p[3] for p in pts])
+    ax.scatter(dd, dm, c=[p[1] for p in pts], cmap="viridis", vmin=0, vmax=last, s=10)
+    fit = stats[label] = magnitude_direction_fit(ts)
+    if fit and math.isfinite(fit["slope"]):
+      xs = np.linspace(dd.min(), dd.max(), 2)
+      ax.plot(xs, np.polyval(np.polyfit(dd, dm, 1), xs), "k--", lw=1)
+    name = _label(ts[0]["overrides"], (SEED_KEY, "init_from"))
+    ax.set_title(f"{name}\nslope {fit.get('slope', math.nan):.3g}, r {fit.get('r', math.nan):.2f}, "
+                 f"r per step {fit.get('r_within_step', math.nan):.2f}", fontsize=7)
+    ax.set(xlabel="ΔD (1 − cos, mean over units)", ylabel="ΔM (|Δ‖column‖|, mean)")
+    ax.ticklabel_format(style="sci", scilimits=(-2, 3))
+  for ax in list(axes.flat)[len(groups):]:
+    ax.axis("off")
+  results.write_json(os.path.join(out, "magnitude_direction.json"), stats)
+  fig.suptitle("magnitude vs direction change from the pretrained weights (colour: step)", fontsize=9)
+  return _save(plt, fig, out, "magnitude_direction.png")
+
+
+def _matrix_norms(row: dict) -> tuple[float, float]:
+  """Mean over weight-decayed matrices (role `matrix`) of the stored norm (`w_norm`, else the effective one) and of
+  the effective norm, from one diagnostics row."""
+  from reparam.core import default_role
+  kernels = [k[:-5] for k in row if k.endswith("/norm") and default_role(k[:-5], 2) == "matrix"]
+  if not kernels:
+    return math.nan, math.nan
+  stored = [row.get(k + "/w_norm", row[k + "/norm"]) for k in kernels]
+  return float(np.mean(stored)), float(np.mean([row[k + "/norm"] for k in kernels]))
+
+
+def norm_equilibrium(trials, out) -> str | None:
+  """The weight-decay equilibrium ‖W‖ ∝ √(η/λ) (learnable-multipliers paper): the stored matrices' norm divided by
+  √(η/λ) over training (equal curves once in equilibrium), and the final stored and effective norms against
+  √(η/λ); drawn when the sweep has two or more values of √(η/λ) with λ > 0."""
+  from experiments import results
+  rows = []
+  for t in trials:
+    config = results.read_json(os.path.join(t["path"], "config.json")) or {}
+    opt = config.get("optimizer", {})
+    if t["diagnostics"] and opt.get("weight_decay") and opt.get("learning_rate"):
+      rows.append((t, math.sqrt(opt["learning_rate"] / opt["weight_decay"]),
+                   f"{opt.get('name', 'adamw')}, {config.get('reparam', {}).get('transform', 'none')}"))
+  if len({round(x, 12) for _, x, _ in rows}) < 2:
+    return None
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+  ax0, ax1 = axes[0]
+  scaled = [{**t, "diag_avg": [{"step": r["step"], "stored/x": _matrix_norms(r)[0] / x} for r in t["diagnostics"]]}
+            for t, x, _ in rows]
+  _plot_bands(ax0, group(scaled, (SEED_KEY,)), "stored/x", "diag_avg")
+  ax0.set(xlabel="step", ylabel="‖W‖ / √(η/λ)", yscale="log",
+          title="stored matrix norm / √(η/λ), mean over matrices")
+  series = defaultdict(list)
+  for t, x, name in rows:
+    series[name].append((x, *_matrix_norms(t["diagnostics"][-1])))
+  for name, pts in series.items():
+    pts = np.array(sorted(pts))
+    line, = ax1.plot(pts[:, 0], pts[:, 1], "o", label=f"{name}: stored")
+    if not np.allclose(pts[:, 1], pts[:, 2]):
+      ax1.plot(pts[:, 0], pts[:, 2], "s", mfc="none", color=line.get_color(), label=f"{name}: effective")
+  xs = np.array(sorted({x for _, x, _ in rows}))
+  ref = np.exp(np.mean([np.log(_matrix_norms(t["diagnostics"][-1])[0] / x) for t, x, _ in rows]))
+  ax1.plot(xs, ref * xs, "k--", lw=1, label="∝ √(η/λ)")
+  ax1.set(xscale="log", yscale="log", xlabel="√(η/λ)", ylabel="final ‖W‖_F (mean over matrices)",
+          title="final matrix norm against √(η/λ)")
+  ax1.legend(fontsize=6)
+  return _save(plt, fig, out, "norm_equilibrium.png", legend_from=ax0)
+
+
+def per_task(trials, out, metric) -> str | None:
+  """Task sequences (eval rows with a `task` field): each task's last evaluation against the task's index, per
+  configuration, mean ± std over seeds (plasticity loss shows as a downward trend)."""
+  ends = []
+  for t in trials:
+    last = {}
+    for r in t["metrics"]:
+      if "task" in r:
+        last[int(r["task"])] = r          # rows are in step order: the last one of a task is its end
+    ends.append({**t, "task_end": [{**r, "step": task} for task, r in sorted(last.items())]})
+  if not any(t["task_end"] for t in ends):
+    return None
+  plt = _pyplot()
+  keys = list(dict.fromkeys(["eval_accuracy", metric]))
+  fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    _plot_bands(ax, group(ends, (SEED_KEY,)), key, "task_end")
+    ax.set(xlabel="task", ylabel=f"{key} at the task's end", title=f"{key} at the end of each task")
+  return _save(plt, fig, out, "tasks.png", legend_from=axes[0][0])
+
+
 def _save(plt, fig, out, name, legend_from=None) -> str:
   """Saves `fig` with one legend below the panels (configuration labels are long)."""
   handles, labels = legend_from.get_legend_handles_labels() if legend_from is not None else ([], [])
@@ -123,5 +272,8 @@ def _save(plt, fig, out, name, legend_from=None) -> str:
 def write_all(trials, out, metric, settings) -> list[tuple[str, str]]:
   made = [("Learning curves", curves(trials, out, metric)),
           ("Final metric against learning rate", metric_vs_lr(trials, out, metric)),
-          ("Diagnostics over training", diagnostics(trials, out))]
+          ("Diagnostics over training", diagnostics(trials, out)),
+          ("Each task's final metric (task sequences)", per_task(trials, out, metric)),
+          ("Magnitude vs direction change (DoRA §3.2)", magnitude_direction(trials, out)),
+          ("Weight-decay norm equilibrium", norm_equilibrium(trials, out))]
   return [(title, file) for title, file in made if file]

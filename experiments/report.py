@@ -38,7 +38,9 @@ def load_trials(workdir: str) -> list[dict[str, Any]]:
 
 
 def _label(overrides: dict, drop: tuple[str, ...]) -> str:
-  return ", ".join(f"{results.short_key(k)}={v}" for k, v in overrides.items() if k not in drop) or "base"
+  # An absolute path (e.g. init_from="{workdir}/pretrain") by its last part: labels name no machine's directories.
+  short = lambda v: os.path.basename(v.rstrip("/")) if isinstance(v, str) and os.path.isabs(v) else v
+  return ", ".join(f"{results.short_key(k)}={short(v)}" for k, v in overrides.items() if k not in drop) or "base"
 
 
 def group(trials: list[dict], drop: tuple[str, ...]) -> dict[str, list[dict]]:
