@@ -242,11 +242,13 @@ def per_task(trials, out, metric) -> str | None:
   if not any(t["task_end"] for t in ends):
     return None
   plt = _pyplot()
+  from matplotlib.ticker import MaxNLocator
   keys = list(dict.fromkeys(["eval_accuracy", metric]))
   fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
   for ax, key in zip(axes[0], keys):
     _plot_bands(ax, group(ends, (SEED_KEY,)), key, "task_end")
     ax.set(xlabel="task", ylabel=f"{key} at the task's end", title=f"{key} at the end of each task")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # task indices: no ticks at 2.5, 7.5
   return _save(plt, fig, out, "tasks.png", legend_from=axes[0][0])
 
 
