@@ -92,6 +92,9 @@ def _validate(config) -> None:
   _check_positive(config, ["train.eval_every", "train.checkpoint_every", "train.diagnostics_every"], zero_ok=True)
   if config.train.get("keep_checkpoints") is not None:      # None: orbax keeps every checkpoint
     _check_positive(config, ["train.keep_checkpoints"])
+  seed = config.get("seed")      # numpy's generators refuse a negative seed, deep inside the first batch
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    raise reparam.ConfigError(f"seed={seed!r} must be a non-negative integer")
   devices = jax.device_count()
   if config.data.batch_size % devices:
     raise reparam.ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of the "
@@ -116,13 +119,26 @@ def _quiet_tfds():
     log.removeFilter(drop)
 
 
+def _check_data_init(cfg, rules) -> None:
+  """`data_init` acts on plain `weight_norm()` rules only; without one it would do nothing, silently."""
+  if cfg.get("data_init") and not any(t is not None and t.name == "weight_norm" for _, t in rules):
+    raise reparam.ConfigError(f"reparam.data_init=True needs a plain weight_norm transform to initialize; "
+                              f"reparam.transform={cfg.transform!r}" + (" with reparam.rules" if cfg.get("rules")
+                                                                       else ""))
+
+
 def _load_pretrained(params: dict, path: str) -> dict:
   """Leaves of `params` replaced by the same-path, same-shape leaves of a finished run's params.msgpack."""
   file = os.path.join(path, "params.msgpack") if os.path.isdir(path) else path
   if not os.path.exists(file):
     raise reparam.ConfigError(f"init_from={path!r}: no params.msgpack there (is the pretraining run finished?)")
-  with open(file, "rb") as f:
-    loaded = reparam.flatten(serialization.msgpack_restore(f.read()))
+  try:
+    with open(file, "rb") as f:
+      loaded = reparam.flatten(serialization.msgpack_restore(f.read()))
+  except Exception as e:  # noqa: BLE001  msgpack raises its own types for a file that is not a parameter tree
+    raise reparam.ConfigError(f"init_from={path!r}: " + (f"{file!r}: " if file != path else "") +
+                              f"not the params.msgpack of a finished run ({type(e).__name__}: {str(e)[:100]})"
+                              ) from None
 
   def pick(p, x):
     y = loaded.get(reparam.core.path_str(p))
@@ -134,6 +150,7 @@ def _load_pretrained(params: dict, path: str) -> dict:
 def build(config) -> Setup:
   _validate(config)
   rules = rules_from_config(config.reparam)
+  _check_data_init(config.reparam, rules)
   with _quiet_tfds():
     dataset = data.load(config.data)
   model = models.make(config.model, dataset)
@@ -152,7 +169,7 @@ def build(config) -> Setup:
                                   rngs={"dropout": jax.random.fold_in(key, 2)}, mutable=list(collections))
   tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps)
   return Setup(config, dataset, model, rules, params, collections, rparams, tx,
-               _forward_fn(model, rules, config.train.get("fast_path", True)), _eval_fn(model))
+               forward_fn(model, rules, config.train.get("fast_path", True)), _eval_fn(model))
 
 
 def check(config, datasets: dict | None = None) -> None:
@@ -162,6 +179,7 @@ def check(config, datasets: dict | None = None) -> None:
   `datasets` caches loaded datasets by their config across calls."""
   _validate(config)
   rules = rules_from_config(config.reparam)
+  _check_data_init(config.reparam, rules)
   cache_key = json.dumps(config.data.to_dict(), sort_keys=True, default=str)
   if datasets is None or cache_key not in datasets:
     with _quiet_tfds():
@@ -177,7 +195,7 @@ def check(config, datasets: dict | None = None) -> None:
   reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps)
 
 
-def _forward_fn(model, rules, fast: bool):
+def forward_fn(model, rules, fast: bool):
   def forward(rp, collections, x, train, rng):
     mutable = list(collections) if (train and collections) else False
     kwargs = dict(train=train, rngs={"dropout": rng}, mutable=mutable)

@@ -1,0 +1,340 @@
+"""What a reparameterization costs per training step, as ratios measured side by side in one run.
+
+    python benchmarks/train_step.py                       # the full table (~25 minutes on 2 CPU cores)
+    python benchmarks/train_step.py --rounds 5 --seeds_steps 60     # a quicker, noisier look
+    python benchmarks/train_step.py --json benchmarks/results/cpu.json
+
+**Method.** Every variant is the jitted training step of `experiments/train.py` (`make_train_step`: the forward
+through `reparam.apply` or `materialize`, the backward, the optax update of `reparam.optim.make`, the finiteness
+checks and metric sums; the state donated) on the pre-norm transformer LM of `experiments/models.py` (2 blocks,
+8 heads, MLP ×4, vocabulary 256), with the transform on its 12 hidden kernels, in two regimes: d_model 512 at 128
+tokens per step (1 × 128) and d_model 256 at 4096 tokens (16 × 256). All variants are compiled and warmed up
+first; then, in each of `--rounds` rounds, every variant is timed once (`--calls` steps) in a fresh random
+order, and its ratio to its reference is taken within the round: the load of a shared machine drifts over
+seconds, and a ratio of timings taken seconds apart cancels most of it. The tables give the median over rounds.
+Peak memory is XLA's own buffer assignment of the compiled step (`memory_analysis()`: arguments + outputs +
+temporaries − donated), which is exact and has no noise. FLOPs are XLA's count (`cost_analysis()`).
+
+Also measured: Muon against AdamW with the Newton–Schulz share of the step's FLOPs (5 iterations of
+`4·m²·n + 2·m³` per `m × n` matrix, m ≤ n), our weight norm against `flax.linen.WeightNorm` on the same kernels,
+and the throughput of 8 seeds of the quickstart model trained as one vmapped program (`--vmap_seeds`) against 8
+runs one after the other, both per step and end to end (`train_seeds` / `train_and_evaluate`, compilation,
+evaluation and checkpoints included). Where torch and peft are installed (`pip install -e ".[peft]"`), peft's
+DoRA/LoRA step ratio on the same shapes is printed beside ours (benchmarks/peft_dora.py).
+
+This prints and writes numbers; it asserts nothing. Targets (issue 6) are shown beside the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import types
+from typing import Any, Callable, Optional
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))    # run from anywhere
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+import reparam  # noqa: E402
+from experiments import models, setup, train  # noqa: E402
+from reparam.optim.routing import routing  # noqa: E402
+
+HIDDEN = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+HIDDEN_KERNELS = r"block_\d+/(" + "|".join(HIDDEN) + ")/kernel"
+ADAMW = dict(name="adamw", learning_rate=1e-3, weight_decay=0.1)
+REGIMES = ((512, 1, 128), (256, 16, 256))          # (d_model, batch, sequence length)
+
+
+@dataclasses.dataclass
+class Variant:
+  """One training step to time. `ref` is a second reference besides `plain` (DoRA: LoRA; ours: flax's)."""
+  name: str
+  transform: Optional[reparam.Reparam] = None       # on the hidden kernels
+  optimizer: dict = dataclasses.field(default_factory=dict)    # overrides of ADAMW
+  fast: bool = True                                  # reparam.apply (activation space) or materialize
+  flax_weight_norm: bool = False
+  ref: Optional[str] = None
+  target: Optional[float] = None                     # the issue's bound on the time ratio to `target_of`
+  memory_target: Optional[float] = None              # and on the peak-memory ratio
+  target_of: str = "plain"
+
+
+def variants(rank: int) -> list[Variant]:
+  mult = reparam.multipliers(scalar=True, row=True, col=True)
+  return [
+      Variant("plain"),
+      Variant("multipliers", mult, target=1.03),
+      Variant("multipliers, materialized", mult, fast=False),
+      Variant("weight_norm", reparam.weight_norm(), ref="flax.linen.WeightNorm", target=1.07),
+      Variant("weight_norm, materialized", reparam.weight_norm(), fast=False),
+      Variant("flax.linen.WeightNorm", flax_weight_norm=True),
+      Variant("nap", optimizer={"nap": True}, target=1.05),
+      Variant(f"lora r{rank}", reparam.lora(rank)),
+      Variant(f"dora r{rank}", reparam.dora(rank), ref=f"lora r{rank}", target=1.10, memory_target=1.05,
+              target_of=f"lora r{rank}"),
+      Variant(f"dora r{rank}, materialized", reparam.dora(rank), fast=False, ref=f"lora r{rank}"),
+      Variant("muon", optimizer={"name": "muon", "learning_rate": 0.02}),
+  ]
+
+
+@contextlib.contextmanager
+def flax_weight_norm_on_hidden_kernels():
+  """`experiments.models` seeing a `flax.linen` whose `Dense` wraps the hidden layers in `nn.WeightNorm`: the
+  same model, its code unchanged, with flax's own weight norm on the kernels our rules would wrap."""
+  linen = types.SimpleNamespace(**{k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")})
+
+  def dense(features, name=None, **kwargs):
+    layer = nn.Dense(features, name=name, **kwargs)
+    return nn.WeightNorm(layer) if name in HIDDEN else layer
+
+  linen.Dense = dense
+  with mock.patch.object(models, "nn", linen):
+    yield
+
+
+@dataclasses.dataclass
+class Step:
+  """A compiled training step and the state it threads through (donated at every call)."""
+  run: Callable
+  state: Any
+  batch: dict
+  peak_bytes: int
+  flops: float
+  newton_schulz_flops: float = 0.0
+
+  def time(self, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      self.state = self.run(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    return (time.perf_counter() - t0) / calls
+
+
+def _memory(compiled) -> int:
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", math.nan))
+
+
+def newton_schulz_flops(opt: dict, rules, rparams) -> float:
+  """FLOPs of Muon's orthogonalization per step: per matrix (its reduction axes × output axes, m ≤ n),
+  `ns_steps` iterations of X Xᵀ (2m²n), A² (2m³) and B X (2m²n), as optax.contrib.muon computes them."""
+  total = 0.0
+  for r in routing(opt, rules, rparams).values():
+    if r.optimizer == "muon":
+      rows = math.prod(r.shape[a] for a in r.muon_dims.reduction_axis)
+      cols = math.prod(r.shape[a] for a in r.muon_dims.output_axis)
+      m, n = sorted((rows, cols))
+      total += opt.get("ns_steps", 5) * (4 * m * m * n + 2 * m ** 3)
+  return total
+
+
+def build_step(v: Variant, d_model: int, batch: int, seq: int, key) -> Step:
+  """The training loop's own step (`train.make_train_step`) for one variant, compiled ahead of time."""
+  tokens = jax.random.randint(key, (batch, seq + 1), 0, 256)
+  data = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+  opt = {**ADAMW, **v.optimizer}
+  with flax_weight_norm_on_hidden_kernels() if v.flax_weight_norm else contextlib.nullcontext():
+    model = models.Transformer(vocab_size=256, d_model=d_model, num_heads=8, num_layers=2, mlp_ratio=4)
+    params = model.init(key, data["x"])["params"]
+    rules = [(HIDDEN_KERNELS, v.transform)] if v.transform else []
+    rparams = reparam.init(rules, params, jax.random.fold_in(key, 1))
+    s = types.SimpleNamespace(
+        config=ml_collections.ConfigDict({"seed": 0, "train": {"log_every": 1000, "skip_nonfinite": False}}),
+        forward=setup.forward_fn(model, rules, v.fast), tx=reparam.optim.make(opt, rules, rparams),
+        rparams=rparams, collections={})
+    state = train.init_state(s)
+    compiled = jax.jit(train.make_train_step(s), donate_argnums=0).lower(state, data).compile()
+  ns = newton_schulz_flops(opt, rules, rparams) if opt["name"] == "muon" else 0.0
+  return Step(compiled, state, data, _memory(compiled), _flops(compiled), ns)
+
+
+def interleaved(steps: dict[str, Step], rounds: int, calls: int, seed: int = 0) -> dict[str, list[float]]:
+  """Seconds per step of every variant, `rounds` samples each, the variants in a fresh order every round."""
+  for s in steps.values():          # warm-up: the first calls pay for allocation and caches
+    s.time(2)
+  rng = np.random.default_rng(seed)
+  times = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name in rng.permutation(list(steps)):
+      times[name].append(steps[name].time(calls))
+  return times
+
+
+def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+  """The median over rounds of the within-round ratio."""
+  return float(np.median(np.array(times[name]) / np.array(times[ref])))
+
+
+def regime(d_model: int, batch: int, seq: int, args) -> dict:
+  vs = variants(args.rank)
+  if args.only:       # the chosen variants, with plain and their references
+    keep = {v.name for v in vs if re.search(args.only, v.name)}
+    keep |= {"plain"} | {v.ref for v in vs if v.name in keep and v.ref}
+    vs = [v for v in vs if v.name in keep]
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  steps = {v.name: build_step(v, d_model, batch, seq, key) for v in vs}
+  print(f"  compiled {len(steps)} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+  times = interleaved(steps, args.rounds, args.calls)
+  rows = []
+  for v in vs:
+    st = steps[v.name]
+    row = {"variant": v.name, "ms": 1e3 * float(np.median(times[v.name])),
+           "x_plain": ratio(times, v.name, "plain"), "peak_mib": st.peak_bytes / 2 ** 20,
+           "memory_x_plain": st.peak_bytes / steps["plain"].peak_bytes,
+           "gflop": st.flops / 1e9, "gflop_per_s": st.flops / np.median(times[v.name]) / 1e9,
+           "ref": v.ref, "target": v.target, "memory_target": v.memory_target}
+    if v.ref:
+      row["x_ref"] = ratio(times, v.name, v.ref)
+      row["memory_x_ref"] = st.peak_bytes / steps[v.ref].peak_bytes
+    if st.newton_schulz_flops:
+      row["newton_schulz_share"] = st.newton_schulz_flops / st.flops
+    if v.target:
+      x, mem = (row["x_plain"], row["memory_x_plain"]) if v.target_of == "plain" else (row["x_ref"], row["memory_x_ref"])
+      row["target_of"] = v.target_of
+      row["meets_target"] = bool(x <= v.target and (v.memory_target is None or mem <= v.memory_target))
+    rows.append(row)
+  return {"d_model": d_model, "batch": batch, "seq": seq, "tokens": batch * seq, "rounds": args.rounds,
+          "calls": args.calls, "rows": rows, "times_s": times}
+
+
+def print_regime(r: dict) -> None:
+  print(f"\n### d_model {r['d_model']}, {r['tokens']} tokens per step ({r['batch']} × {r['seq']})\n")
+  print("| variant | ms/step | × plain | × ref (ref) | peak MiB | mem × plain | mem × ref | GFLOP/s | target | met |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for row in r["rows"]:
+    ref = f"{row['x_ref']:.3f} ({row['ref']})" if row.get("ref") else ""
+    mem_ref = f"{row['memory_x_ref']:.3f}" if row.get("ref") else ""
+    target = ""
+    if row["target"]:
+      target = f"≤ {row['target']} × {'plain' if row['target_of'] == 'plain' else 'ref'}"
+      target += f", mem ≤ {row['memory_target']}" if row["memory_target"] else ""
+    extra = f" (Newton–Schulz: {100 * row['newton_schulz_share']:.1f}% of FLOPs)" if "newton_schulz_share" in row else ""
+    met = {True: "yes", False: "**no**", None: ""}[row.get("meets_target")]
+    print(f"| {row['variant']}{extra} | {row['ms']:.2f} | {row['x_plain']:.3f} | {ref} | {row['peak_mib']:.1f} | "
+          f"{row['memory_x_plain']:.3f} | {mem_ref} | {row['gflop_per_s']:.1f} | {target} | {met} |")
+
+
+# --------------------------------------------------------------------------------------- seeds: vmap or not
+
+def seeds_throughput(n_seeds: int, steps: int, rounds: int, calls: int) -> dict:
+  """8 seeds of the quickstart model: one vmapped program against one run after another."""
+  from configs import quickstart
+  config = quickstart.get_config(f"steps={steps}")
+  config.train.update(progress=False, tensorboard=False)
+  s = setup.build(config)
+  one = jax.jit(train.make_train_step(s), donate_argnums=0)
+  many = jax.jit(jax.vmap(train.make_train_step(s)), donate_argnums=0)
+  bs = config.data.batch_size
+  batches = [s.dataset.batch(0, bs, seed) for seed in range(n_seeds)]
+  stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  fresh = lambda: jax.tree.map(jnp.copy, train.init_state(s))    # own buffers: every step donates its state
+  seq = [Step(one, fresh(), b, 0, 0.0) for b in batches]
+  vm = Step(many, train._stack([fresh() for _ in range(n_seeds)]), stacked, 0, 0.0)
+
+  class Sequential:        # one "step" of n seeds: each seed's own step, one after the other
+    def time(self, k):
+      return sum(st.time(k) for st in seq)
+
+  times = interleaved({"sequential": Sequential(), "vmapped": vm}, rounds, calls)
+  step_ratio = ratio(times, "sequential", "vmapped")
+
+  def end_to_end(vmapped: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+      configs = []
+      for seed in range(n_seeds):
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.seed = seed
+        configs.append(c)
+      dirs = [os.path.join(tmp, str(i)) for i in range(n_seeds)]
+      t0 = time.perf_counter()
+      if vmapped:
+        train.train_seeds(configs, dirs)
+      else:
+        for c, d in zip(configs, dirs):
+          train.train_and_evaluate(c, d)
+      return time.perf_counter() - t0
+
+  e2e = {"sequential": [], "vmapped": []}
+  for i in range(max(1, rounds // 10)):
+    for mode in (("sequential", "vmapped") if i % 2 == 0 else ("vmapped", "sequential")):
+      e2e[mode].append(end_to_end(mode == "vmapped"))
+  return {"seeds": n_seeds, "steps": steps, "step_ms": {k: 1e3 * float(np.median(v)) for k, v in times.items()},
+          "step_throughput_ratio": step_ratio, "end_to_end_s": e2e,
+          "end_to_end_throughput_ratio": float(np.median(e2e["sequential"]) / np.median(e2e["vmapped"]))}
+
+
+def print_seeds(r: dict) -> None:
+  print(f"\n### {r['seeds']} seeds of the quickstart model: vmapped (`--vmap_seeds`) against sequential\n")
+  print("| measure | sequential | vmapped | throughput × | target |")
+  print("|---|---|---|---|---|")
+  print(f"| one training step of all seeds (ms) | {r['step_ms']['sequential']:.2f} | {r['step_ms']['vmapped']:.2f} | "
+        f"{r['step_throughput_ratio']:.2f} | ≥ 2 |")
+  e = r["end_to_end_s"]
+  print(f"| {r['seeds']} runs of {r['steps']} steps, end to end (s) | {np.median(e['sequential']):.1f} | "
+        f"{np.median(e['vmapped']):.1f} | {r['end_to_end_throughput_ratio']:.2f} | ≥ 2 |")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--rounds", type=int, default=20, help="timed samples per variant")
+  ap.add_argument("--calls", type=int, default=5, help="steps per timed sample")
+  ap.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank")
+  ap.add_argument("--regime", action="append", default=None,
+                  help="d_model,batch,seq (repeatable); default: 512,1,128 and 256,16,256")
+  ap.add_argument("--only", default="", help="regex: time only the variants it matches (and their references)")
+  ap.add_argument("--seeds", type=int, default=8, help="seeds for the vmap comparison (0: skip it)")
+  ap.add_argument("--seeds_steps", type=int, default=300, help="steps of each end-to-end quickstart run")
+  ap.add_argument("--peft", action="store_true", help="also time peft's LoRA and DoRA (needs torch and peft)")
+  ap.add_argument("--json", default=None, help="write every number (and the raw timings) here")
+  args = ap.parse_args()
+  regimes = [tuple(int(x) for x in r.split(",")) for r in args.regime] if args.regime else REGIMES
+
+  dev = jax.devices()[0]
+  out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
+         "backend": dev.platform, "device": dev.device_kind, "devices": jax.device_count(),
+         "cpu_count": os.cpu_count(), "machine": platform.machine(), "args": vars(args), "regimes": []}
+  print(f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, jax {jax.__version__}; medians over "
+        f"{args.rounds} rounds of {args.calls} steps; ratios taken within each round")
+  for d_model, batch, seq in regimes:
+    r = regime(d_model, batch, seq, args)
+    out["regimes"].append(r)
+    print_regime(r)
+    sys.stdout.flush()
+  if args.seeds:
+    out["seeds"] = seeds_throughput(args.seeds, args.seeds_steps, args.rounds, args.calls)
+    print_seeds(out["seeds"])
+  if args.peft:
+    from benchmarks import peft_dora
+    out["peft"] = [peft_dora.measure(d, b, s, args.rank, args.rounds, args.calls) for d, b, s in regimes]
+    peft_dora.print_table(out["peft"], {(r["d_model"], r["tokens"]): r for r in out["regimes"]}, args.rank)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,76 @@
+"""benchmarks/: the numbers the scripts compute besides timings are right, and the scripts run (no timing is
+asserted anywhere: a tiny regime, one round)."""
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from optax.contrib._muon import orthogonalize_via_newton_schulz
+
+import reparam
+from benchmarks import train_step
+from experiments import models
+
+NS_COEFFS = jnp.array([3.4445, -4.7750, 2.0315])
+
+
+def xla_flops(f, *args) -> float:
+  cost = jax.jit(f).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+def test_newton_schulz_flops_match_xla_count_of_optax_muon():
+  """The analytic count (4m²n + 2m³ per iteration) against XLA's count of optax's own orthogonalization."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  # d_model 256: the elementwise ops XLA also counts are ~1% (at 64 they would be ~4%)
+  params = jax.eval_shape(models.Transformer(vocab_size=32, d_model=256, num_heads=4, num_layers=1).init,
+                          jax.random.key(0), tokens)["params"]
+  opt = {"name": "muon", "learning_rate": 0.02}
+  ours = train_step.newton_schulz_flops(opt, [], params)
+  muon_leaves = [x for path, x in reparam.flatten(params).items()
+                 if x.ndim == 2 and not path.startswith(("embed", "head"))]
+  assert len(muon_leaves) == 6                                  # q, k, v, out, mlp_in, mlp_out
+  xla = sum(xla_flops(lambda x: orthogonalize_via_newton_schulz(x, NS_COEFFS, 5), jnp.zeros(x.shape))
+            for x in muon_leaves)
+  assert ours == pytest.approx(xla, rel=0.02)                   # XLA also counts the few elementwise ops
+
+
+def test_our_weight_norm_equals_flax_weight_norm():
+  """A peer implementation: flax.linen.WeightNorm (scale initialized to 1) on the same hidden kernels as our
+  `weight_norm()` with g = 1 gives the same logits. The kernels are scaled by 3 first: both are invariant to
+  that, the plain model is not, so the agreement is not that of two models doing nothing."""
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 32)
+  triple = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda p, x: 3 * x if reparam.core.path_str(p).endswith("/kernel") else x, tree)
+  with train_step.flax_weight_norm_on_hidden_kernels():
+    flax_model = models.Transformer(vocab_size=32, d_model=64, num_heads=4, num_layers=2)
+    flax_params = triple(flax_model.init(jax.random.key(1), tokens)["params"])
+    flax_logits = flax_model.apply({"params": flax_params}, tokens)
+  scales = [p for p in reparam.flatten(flax_params) if "WeightNorm" in p]
+  assert len(scales) == 12 and all(p.endswith("/scale") for p in scales)
+  model = models.Transformer(vocab_size=32, d_model=64, num_heads=4, num_layers=2)
+  plain = {k: {n: m for n, m in v.items() if not n.startswith("WeightNorm")} for k, v in flax_params.items()}
+  rules = [(train_step.HIDDEN_KERNELS, reparam.weight_norm(eps=0.0))]
+  rp = reparam.init(rules, plain, jax.random.key(2))
+  rp = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.ones_like(x) if reparam.core.path_str(p).endswith("/g") else x, rp)
+  np.testing.assert_allclose(reparam.apply(rules, model, rp, tokens), flax_logits, rtol=2e-5, atol=2e-5)
+  assert not np.allclose(model.apply({"params": plain}, tokens), flax_logits, atol=1e-2)
+
+
+def test_train_step_script_runs_and_writes_its_json(tmp_path, monkeypatch):
+  out = tmp_path / "bench.json"
+  monkeypatch.setattr(sys, "argv", ["train_step.py", "--regime", "32,1,8", "--rounds", "1", "--calls", "1",
+                                    "--seeds", "0", "--only", "^dora r8$|^nap$", "--json", str(out)])
+  train_step.main()
+  result = json.loads(out.read_text())
+  rows = {r["variant"]: r for r in result["regimes"][0]["rows"]}
+  assert set(rows) == {"plain", "lora r8", "dora r8"}     # the chosen one and its references
+  assert rows["plain"]["x_plain"] == 1.0
+  dora = rows["dora r8"]
+  assert dora["ref"] == "lora r8" and math.isfinite(dora["x_ref"]) and dora["x_ref"] > 0
+  assert dora["peak_mib"] > 0 and dora["gflop"] > 0 and isinstance(dora["meets_target"], bool)
+  assert len(result["regimes"][0]["times_s"]["dora r8"]) == 1
