@@ -7,7 +7,10 @@ whose traceback we want to see.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -53,6 +56,51 @@ def check_workdir(path: str) -> None:
     raise ConfigError(f"--workdir={path!r} cannot be created: {parent!r} is a file, not a directory")
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ConfigError(f"--workdir={path!r} is not writable: no write permission on {parent!r}")
+  check_run_dir(path)
+
+
+def check_run_dir(path: str) -> None:
+  """A run directory damaged outside the run fails now, with its path: an unreadable config.json would let a
+  rerun with another config resume over this run's results (the check against it could not run), and a
+  `checkpoints` that is a file fails inside orbax's background thread with a traceback."""
+  config, ckpt = os.path.join(path, "config.json"), os.path.join(path, "checkpoints")
+  if os.path.isfile(config):
+    try:
+      with open(config) as f:
+        json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{config!r} is unreadable ({type(e).__name__}: {str(e)[:80]}), so a rerun cannot check it "
+                        f"holds a run of this config: restore it, delete it to resume anyway, or use a new "
+                        f"--workdir") from None
+  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+    raise ConfigError(f"{ckpt!r} is a file, not the run's checkpoint directory: move it away or use a new --workdir")
+
+
+def _unknown_key(argv: Sequence[str], name: str) -> str | None:
+  """config_flags reports `--config.optimizer.lr=1` (a key the config lacks) as a bare `'lr'`: the flag, the
+  missing key and what its level does have, from the config file loaded again (None if that fails too)."""
+  text = " ".join(argv)
+  file = re.search(rf"--{name}[= ](\S+)", text)
+  if not file:
+    return None
+  try:
+    path, _, arg = file.group(1).partition(":")
+    spec = importlib.util.spec_from_file_location("_config_for_error", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    node = module.get_config(*([arg] if arg else []))
+  except Exception:  # noqa: BLE001  only a better message is at stake
+    return None
+  for dotted in re.findall(rf"--{name}\.([\w.]+)", text):
+    level = node
+    for i, part in enumerate(dotted.split(".")):
+      where = ".".join(dotted.split(".")[:i]) or "the config"
+      if not hasattr(level, "keys"):
+        return f"--{name}.{dotted}: {where} is a value, not a group"
+      if part not in level:
+        return f"--{name}.{dotted}: no such config key {part!r}; {where} has: {', '.join(sorted(level))}"
+      level = level[part]
+  return None
 
 
 def _unloaded_config(name: str) -> str | None:
@@ -80,7 +128,11 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
   except Exception as e:  # noqa: BLE001  anything raised while parsing flags and overrides is bad input
     if debug:
       raise
-    fail(one_line(e))
+    message = one_line(e)
+    unknown = _unknown_key(argv, "config") if isinstance(e, (KeyError, AttributeError)) else None
+    if unknown:           # keep ml_collections' "Did you mean" hint
+      message = "; ".join([unknown] + [p for p in message.split("; ") if p.startswith("Did you mean")])
+    fail(message)
   for name in flags.FLAGS:
     error = _unloaded_config(name)
     if error and not debug:

@@ -34,7 +34,10 @@ def load_sweep(config_arg: str) -> list[dict[str, Any]]:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     return [{}]
-  sweep = module.get_sweep(arg or None)
+  try:
+    sweep = module.get_sweep(arg or None)
+  except Exception as e:  # noqa: BLE001  a failing get_sweep is bad input, as a failing get_config is
+    raise reparam.ConfigError(f"{path}: get_sweep({arg or None!r}) failed: {type(e).__name__}: {e}") from e
   if not isinstance(sweep, list) or not all(isinstance(d, dict) for d in sweep) or not sweep:
     raise reparam.ConfigError(f"{path}: get_sweep() must return a non-empty list of override dicts")
   return sweep
@@ -126,15 +129,20 @@ def seed_groups(trials: list[dict]) -> list[list[dict]]:
 
 def check_trials(workdir: str, trials: list[dict]) -> None:
   """Builds nothing but checks every trial still to run, as `train` would, before the sweep writes anything:
-  a bad value in the last trial must not surface after the first ones have run for hours."""
-  from experiments import setup
+  a bad value in the last trial must not surface after the first ones have run for hours. A finished trial's
+  directory must hold a run of its config too: a rerun with a changed config would otherwise report the old
+  results as the new config's."""
+  from experiments import cli, setup, train
   datasets: dict = {}
   for t in trials:
-    if not is_done(workdir, t):
-      try:
+    run_dir = os.path.join(workdir, t["name"])
+    try:
+      cli.check_run_dir(run_dir)
+      train._check_resumable(t["config"], run_dir)
+      if not is_done(workdir, t):
         setup.check(t["config"], datasets)
-      except reparam.ConfigError as e:
-        raise reparam.ConfigError(f"get_sweep()[{t['index']}] (trial {t['name']}): {e}") from None
+    except reparam.ConfigError as e:
+      raise reparam.ConfigError(f"get_sweep()[{t['index']}] (trial {t['name']}): {e}") from None
 
 
 def run_trials(workdir: str, trials: list[dict], vmap_seeds: bool) -> None:

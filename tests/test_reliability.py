@@ -41,10 +41,10 @@ def _compilation_cache(tmp_path_factory):
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def cli(module, args, env=None, timeout=300):
+def cli(module, args, env=None, timeout=300, prefix=()):
   base = {k: v for k, v in os.environ.items() if k != "REPARAM_FAULT"}
-  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout, env={**base, **ENV, **(env or {})})
+  return subprocess.run([*prefix, sys.executable, "-m", f"experiments.{module}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, env={**base, **ENV, **(env or {})})
 
 
 def set_keys(config, overrides):
@@ -489,6 +489,22 @@ BAD_CONFIGS = [   # (overrides of quickstart, the message must contain this)
     ({"data.steps_per_task": 10}, "data.steps_per_task=10 needs data.task_kind: one of permute, random_labels"),
     ({"data.task_kind": "shuffle"}, "data.task_kind='shuffle' is not one of: None, permute, random_labels"),
     ({"init_from": "/nonexistent/pretrain"}, "init_from='/nonexistent/pretrain': no params.msgpack there"),
+    ({"init_from": os.path.join(ROOT, "README.md")},
+     "README.md': not the params.msgpack of a finished run (ExtraData"),
+    ({"seed": -1}, "seed=-1 must be a non-negative integer"),
+    ({"reparam.data_init": True}, "reparam.data_init=True needs a plain weight_norm transform to initialize; "
+                                  "reparam.transform='none'"),
+    ({"optimizer.warmup_steps": 100}, "optimizer.warmup_steps: 100 must be < total_steps=6"),
+    ({"reparam.rules": (("((", "weight_norm"),)}, "reparam.rules: rules[0]: '((' is not a valid regex"),
+    ({"reparam.rules": ("weight_norm",)}, "reparam.rules[0]: expected a (regex, transform) pair, got 'weight_norm'"),
+    ({"reparam.rules": ((".*kernel", "fancy_norm"),)},
+     "reparam.rules[0]: unknown transform 'fancy_norm'; valid: dora, identity, lora, multipliers, weight_norm"),
+    ({"reparam.rules": ((".*kernel", "weight_norm"), ("Dense_0/kernel", "lora(rank=2)"))},
+     "rule 'Dense_0/kernel' matches no parameter (every leaf it matches is taken by an earlier rule)"),
+    ({"data.name": "markov", "data.task_kind": "permute"},
+     "data.task_kind='permute' needs a classification dataset; data.name='markov' is a language model"),
+    ({"data.name": "markov", "model.name": "transformer", "model.d_model": 64, "model.num_heads": 5},
+     "model.d_model=64 must be divisible by model.num_heads=5"),
 ]
 
 
@@ -589,12 +605,26 @@ CLI_CASES = [   # (module, arguments: {run} is a finished run, {tmp} an empty di
      "get_sweep()[2]: cannot set optimizer.lr=0.1: no such config key; optimizer has: adam_learning_rate"),
     ("sweep", ["--config={sweep:model.act:'swishy'}", "--workdir={run}"],
      "get_sweep()[2] (trial seed=2,act=swishy): model.act='swishy' is not one of: relu"),
+    ("train", _train("--config.optimizer.lr=0.1"),
+     "--config.optimizer.lr: no such config key 'lr'; optimizer has: adam_learning_rate, b1, b2, grad_clip_norm, "
+     "learning_rate"),
+    ("train", _train("--config.seed=-1"), "seed=-1 must be a non-negative integer"),
+    ("train", _train("--config.init_from={run}/config.json"),
+     "init_from='{run}/config.json': not the params.msgpack of a finished run"),
+    ("sweep", ["--config=configs/weight_norm.py", "--workdir={tmp}/new"],
+     "get_sweep()[0] (trial transform=none,seed=0): data.name='cifar10': not prepared under tfds' default data_dir"),
+    ("sweep", ["--config={sweep:seed:int('two')}", "--workdir={tmp}/new"],
+     "bad_sweep.py: get_sweep(None) failed: ValueError: invalid literal for int() with base 10: 'two'"),
+    ("sweep", ["--config=configs/quickstart.py", "--workdir={tmp}/new", "--shard=abc"],
+     "--shard='abc' must be k/N with 0 <= k < N"),
+    ("report", ["{tmp}/missing"], "'{tmp}/missing' is not a directory (expected a sweep's --workdir)"),
+    ("report", ["{run}/config.json"], "'{run}/config.json' is not a directory (expected a sweep's --workdir)"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module,args,message", CLI_CASES,
-                         ids=[f"{m}-{[x for x in a if '{run}' not in x][-1][:40]}" for m, a, _ in CLI_CASES])
+                         ids=[f"{m}-{i}-{a[-1][:40]}" for i, (m, a, _) in enumerate(CLI_CASES)])
 def test_bad_input_on_the_command_line_is_one_line_and_touches_nothing(finished_run, tmp_path, module, args,
                                                                        message):
   """Through the real entry points: exit status 2, one line on stderr naming the key or path and what is valid,
@@ -606,25 +636,110 @@ def test_bad_input_on_the_command_line_is_one_line_and_touches_nothing(finished_
     return text.replace("{run}", finished_run).replace("{tmp}", str(tmp_path))
 
   before = snapshot(os.path.dirname(finished_run))
-  proc = cli(module, [fill(a) for a in args])
+  # An empty TFDS data_dir: "offline, nothing prepared" whatever this machine's ~/tensorflow_datasets holds.
+  proc = cli(module, [fill(a) for a in args], env={"TFDS_DATA_DIR": str(tmp_path / "no_tfds")})
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and fill(message) in lines[0], proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert snapshot(os.path.dirname(finished_run)) == before
+  assert not (tmp_path / "new").exists()
+
+
+def without_root_powers() -> list[str]:
+  """A command prefix under which permissions bind: as root, `setpriv` drops the capabilities that let root
+  read and write through them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH); nothing needed otherwise."""
+  if os.geteuid() != 0:
+    return []
+  caps = "-dac_override,-dac_read_search"
+  prefix = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+  if not shutil.which("setpriv") or subprocess.run(prefix + ["true"], capture_output=True).returncode:
+    pytest.skip("running as root, and setpriv cannot drop root's permission overrides here")
+  return prefix
 
 
 @pytest.mark.slow
-def test_unwritable_workdir_is_one_line(tmp_path):
-  """A workdir under a directory without write permission (skipped as root, whom permissions do not stop)."""
-  if os.geteuid() == 0:
-    pytest.skip("root writes through directory permissions")
+@pytest.mark.parametrize("module", ["train", "sweep"])
+def test_unwritable_or_unreadable_workdir_is_one_line(finished_run, tmp_path, module):
+  """A new workdir under a directory without write permission, and an existing run whose directory has no
+  permissions at all (mode 000): one line each, nothing created or changed."""
+  prefix = without_root_powers()
   locked = tmp_path / "locked"
   locked.mkdir(mode=0o555)
-  proc = cli("train", ["--config=configs/quickstart.py:steps=6", f"--workdir={locked}/run", *QUIET])
+  sealed = tmp_path / "sealed"
+  shutil.copytree(finished_run, sealed)
+  before = snapshot(sealed)
+  sealed.chmod(0o000)
+  try:
+    for workdir, message in [(f"{locked}/run", f"--workdir='{locked}/run' is not writable: no write permission on "
+                                                f"'{locked}'"),
+                             (str(sealed), f"--workdir='{sealed}' is not writable: no write permission on "
+                                           f"'{sealed}'")]:
+      proc = cli(module, ["--config=configs/quickstart.py:steps=30", f"--workdir={workdir}", *QUIET], prefix=prefix)
+      lines = proc.stderr.strip().splitlines()
+      assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+      assert lines[0] == f"error: {message}"
+  finally:
+    sealed.chmod(0o755)
+  assert snapshot(sealed) == before and os.listdir(locked) == []
+
+
+DAMAGED_RUN_DIR = {   # damage done to a run directory outside any run -> what the rerun must say
+    "garbage config.json": (lambda d: open(os.path.join(d, "config.json"), "w").write("garbage"),
+                            "config.json' is unreadable (JSONDecodeError: Expecting value: line 1 column 1 (char 0)), "
+                            "so a rerun cannot check it holds a run of this config"),
+    "checkpoints is a file": (lambda d: (shutil.rmtree(os.path.join(d, "checkpoints")),
+                                         open(os.path.join(d, "checkpoints"), "w").write("x")),
+                              "checkpoints' is a file, not the run's checkpoint directory"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGED_RUN_DIR))
+@pytest.mark.parametrize("module", ["train", "sweep"])
+def test_damaged_run_directory_is_refused_and_left_as_it_is(finished_run, tmp_path, damage, module):
+  """An unfinished run (no result.json) whose config.json is garbage or whose checkpoints directory is a file,
+  rerun with another config: refused with one line naming the file. Before, the garbage config.json let the
+  rerun resume over the run (every checkpoint moved aside as unreadable, the metrics retrained), and the file
+  made orbax print a traceback from its background thread. In a sweep the damaged directory is a trial's."""
+  sweep_dir = tmp_path / "sweep"
+  name = "seed=0" if module == "sweep" else "run"
+  run = sweep_dir / name
+  shutil.copytree(finished_run, run)
+  os.remove(run / "result.json")
+  do, message = DAMAGED_RUN_DIR[damage]
+  do(str(run))
+  before = snapshot(sweep_dir)
+  if module == "train":
+    args = ["--config=configs/quickstart.py:steps=30", f"--workdir={run}", "--config.model.hidden=(64,)", *QUIET]
+  else:
+    args = ["--config=" + _sweep_file(tmp_path, "seed", "3"), f"--workdir={sweep_dir}"]   # trials seed=0, 1, 2
+  proc = cli(module, args)
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-  assert f"--workdir='{locked}/run' is not writable: no write permission on '{locked}'" in lines[0]
+  assert f"'{run}/" + message in lines[0], lines[0]
+  assert snapshot(sweep_dir) == before
+
+
+@pytest.mark.slow
+def test_sweep_rerun_with_another_config_is_refused_before_writing(tmp_path):
+  """A finished sweep rerun with a changed learning rate: refused with one line naming the first trial, before
+  sweep.json or any trial.json is rewritten. Before, finished trials were skipped unchecked (their results
+  reported as the new config's) and the first unfinished one failed only after the sweep's files were
+  rewritten. A changed display flag still resumes."""
+  config, workdir = _sweep_file(tmp_path, "seed", "2"), tmp_path / "sweep"
+  args = [f"--config={config}", f"--workdir={workdir}", "--report=false", *QUIET]
+  assert cli("sweep", args).returncode == 0
+  before = snapshot(workdir)
+  proc = cli("sweep", args + ["--config.optimizer.learning_rate=0.01"])
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0] == (f"error: get_sweep()[0] (trial seed=0): workdir '{workdir}/seed=0' holds a run of another "
+                      f"config (optimizer.learning_rate=0.003 there, 0.01 now); rerun with its config to resume it, "
+                      f"or use a new workdir")
+  assert snapshot(workdir) == before
+  proc = cli("sweep", args + ["--config.train.verbose=True"])
+  assert proc.returncode == 0 and "3 trials in this shard: 3 done, 0 to run" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
