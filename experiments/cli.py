@@ -76,15 +76,30 @@ def check_run_dir(path: str) -> None:
     raise ConfigError(f"{ckpt!r} is a file, not the run's checkpoint directory: move it away or use a new --workdir")
 
 
+def _config_file(argv: Sequence[str], name: str) -> str | None:
+  """The `path[:arg]` given to --name, as typed."""
+  m = re.search(rf"--{name}[= ](\S+)", " ".join(argv))
+  return m.group(1) if m else None
+
+
+def _lacks_get_config(file: str | None) -> bool:
+  """True when the config file never mentions get_config: config_flags' AttributeError is then about it, not
+  about something get_config itself did."""
+  try:
+    with open(file.partition(":")[0]) as f:
+      return "get_config" not in f.read()
+  except (OSError, AttributeError):
+    return False
+
+
 def _unknown_key(argv: Sequence[str], name: str) -> str | None:
   """config_flags reports `--config.optimizer.lr=1` (a key the config lacks) as a bare `'lr'`: the flag, the
   missing key and what its level does have, from the config file loaded again (None if that fails too)."""
-  text = " ".join(argv)
-  file = re.search(rf"--{name}[= ](\S+)", text)
+  text, file = " ".join(argv), _config_file(argv, name)
   if not file:
     return None
   try:
-    path, _, arg = file.group(1).partition(":")
+    path, _, arg = file.partition(":")
     spec = importlib.util.spec_from_file_location("_config_for_error", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -129,6 +144,8 @@ def run(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None 
     if debug:
       raise
     message = one_line(e)
+    if isinstance(e, AttributeError) and _lacks_get_config(_config_file(argv, "config")):  # config_flags names no file
+      message = f"--config={_config_file(argv, 'config')}: the file defines no get_config(arg=None)"
     unknown = _unknown_key(argv, "config") if isinstance(e, (KeyError, AttributeError)) else None
     if unknown:           # keep ml_collections' "Did you mean" hint
       message = "; ".join([unknown] + [p for p in message.split("; ") if p.startswith("Did you mean")])

@@ -503,6 +503,9 @@ BAD_CONFIGS = [   # (overrides of quickstart, the message must contain this)
      "rule 'Dense_0/kernel' matches no parameter (every leaf it matches is taken by an earlier rule)"),
     ({"data.name": "markov", "data.task_kind": "permute"},
      "data.task_kind='permute' needs a classification dataset; data.name='markov' is a language model"),
+    ({"data.name": "markov", "model.name": "transformer", "reparam.transform": "dora(rank=1000)",
+      "reparam.targets": r"block_.*/kernel"},
+     "block_0/key/kernel (shape (128, 128)): dora: rank=1000 must be an integer in [1, min(in, out) = 128]"),
     ({"data.name": "markov", "model.name": "transformer", "model.d_model": 64, "model.num_heads": 5},
      "model.d_model=64 must be divisible by model.num_heads=5"),
 ]
@@ -751,3 +754,16 @@ def test_debug_brings_the_traceback_back(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].endswith("model.act='swishy' is not one of: relu, gelu, tanh, "
                                                        "silu, leaky_relu")
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["train", "sweep"])
+def test_config_file_without_get_config_is_named(tmp_path, module):
+  """config_flags says only "module 'config_config' has no attribute 'get_config'": the line names the file."""
+  path = tmp_path / "no_get_config.py"
+  path.write_text("STEPS = 6\n")
+  proc = cli(module, [f"--config={path}", f"--workdir={tmp_path}/new"])
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and lines == [f"error: --config={path}: the file defines no get_config(arg=None)"], \
+      proc.stderr[-3000:]
+  assert not (tmp_path / "new").exists()
