@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from experiments import results
+from reparam.core import ConfigError
 
 SEED_KEY = "seed"
 LR_KEY = "optimizer.learning_rate"
@@ -148,14 +149,37 @@ def write(workdir: str, settings: dict | None = None) -> str:
   return path
 
 
+def check_sweep_dir(workdir: str) -> None:
+  """Refuses, before anything is written, a directory that cannot be read or that holds no trial: writing
+  `report/` ("0 of 0 trials") into any directory, e.g. a single run's workdir, would only add a wrong file."""
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"{workdir!r} is not a directory (expected a sweep's --workdir)")
+  try:
+    names = os.listdir(workdir)
+  except OSError as e:
+    raise ConfigError(f"{workdir!r} cannot be read ({e.strerror}): give read permission on it, or run the report "
+                      f"as its owner") from None
+  if not any(os.path.isfile(os.path.join(workdir, n, "trial.json")) for n in names):
+    raise ConfigError(f"{workdir!r} is not a sweep's directory: no sub-directory holds a trial.json (a sweep writes "
+                      f"one per trial it starts); pass the --workdir of `python -m experiments.sweep`")
+
+
 def main(argv: list[str]) -> int:
-  if len(argv) != 2:
-    print("usage: python -m experiments.report SWEEP_DIR", file=sys.stderr)
+  """One line on stderr and exit status 2 for a bad directory, as train and sweep (`--debug`: the traceback)."""
+  from experiments import cli
+  debug = "--debug" in argv[1:]
+  args = [a for a in argv[1:] if a != "--debug"]
+  if len(args) != 1:
+    print("usage: python -m experiments.report SWEEP_DIR [--debug]", file=sys.stderr)
     return 2
-  if not os.path.isdir(argv[1]):
-    print(f"error: {argv[1]!r} is not a directory (expected a sweep's --workdir)", file=sys.stderr)
+  try:
+    check_sweep_dir(args[0])
+    path = write(args[0])
+  except cli.INPUT_ERRORS as e:       # also a trial directory or report/ without permissions
+    if debug:
+      raise
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
-  path = write(argv[1])
   with open(path) as f:
     print(f.read())
   print(f"report: {path}")

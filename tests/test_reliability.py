@@ -622,6 +622,8 @@ CLI_CASES = [   # (module, arguments: {run} is a finished run, {tmp} an empty di
      "--shard='abc' must be k/N with 0 <= k < N"),
     ("report", ["{tmp}/missing"], "'{tmp}/missing' is not a directory (expected a sweep's --workdir)"),
     ("report", ["{run}/config.json"], "'{run}/config.json' is not a directory (expected a sweep's --workdir)"),
+    # A run's workdir is no sweep: the report used to exit 0 after writing report/ ("0 of 0 trials") into it.
+    ("report", ["{run}"], "'{run}' is not a sweep's directory: no sub-directory holds a trial.json"),
 ]
 
 
@@ -685,6 +687,27 @@ def test_unwritable_or_unreadable_workdir_is_one_line(finished_run, tmp_path, mo
   finally:
     sealed.chmod(0o755)
   assert snapshot(sealed) == before and os.listdir(locked) == []
+
+
+@pytest.mark.slow
+def test_report_of_an_unreadable_directory_is_one_line(finished_run, tmp_path):
+  """A sweep directory without permissions (mode 000): one line, exit 2, nothing written. Before, a
+  PermissionError traceback (exit 1)."""
+  prefix = without_root_powers()
+  sealed = tmp_path / "sealed"
+  shutil.copytree(finished_run, sealed / "seed=0")
+  (sealed / "seed=0" / "trial.json").write_text('{"index": 0, "overrides": {"seed": 0}}')
+  before = snapshot(sealed)
+  sealed.chmod(0o000)
+  try:
+    proc = cli("report", [str(sealed)], prefix=prefix)
+  finally:
+    sealed.chmod(0o755)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0] == (f"error: '{sealed}' cannot be read (Permission denied): give read permission on it, or run "
+                      f"the report as its owner")
+  assert snapshot(sealed) == before
 
 
 DAMAGED_RUN_DIR = {   # damage done to a run directory outside any run -> what the rerun must say
