@@ -79,13 +79,13 @@ def test_multipliers_full_variant_on_mock_data(tmp_path):
   assert "(norm_equilibrium.png)" in open(report.write(workdir, {})).read()
 
 
-@pytest.mark.parametrize("module, n", [(dora, 15), (multipliers, 24)])
-def test_smoke_and_full_sweeps_expand(tmp_path, module, n):
-  for arg in ("smoke", None):
+@pytest.mark.parametrize("module, n_smoke, n_full", [(dora, 15, 15), (multipliers, 22, 24)])
+def test_smoke_and_full_sweeps_expand(tmp_path, module, n_smoke, n_full):
+  for arg, n in (("smoke", n_smoke), (None, n_full)):
     trials = sweep.expand(module.get_config(arg), module.get_sweep(arg), str(tmp_path))
     assert len(trials) == n and len({t["name"] for t in trials}) == n
   path = os.path.join(ROOT, "configs", module.__name__.split(".")[-1] + ".py")
-  assert len(sweep.load_sweep(path + ":smoke")) == n
+  assert len(sweep.load_sweep(path + ":smoke")) == n_smoke
 
 
 def test_dora_sweep_arms():
@@ -105,7 +105,7 @@ def test_multipliers_sweep_arms():
   assert main == {(o, t) for o in ("adamw", "muon") for t in multipliers.TRANSFORMS}
   ratios = {(t["config"].optimizer.name, t["config"].optimizer.learning_rate / t["config"].optimizer.weight_decay)
             for t in trials}
-  assert len(ratios) == 6           # three values of η/λ per optimizer
+  assert len(ratios) == 4           # two values of η/λ per optimizer in the smoke (three in the full variant)
   assert all(t["config"].optimizer.adam_learning_rate == 1e-2 for t in trials)
 
 
@@ -118,3 +118,33 @@ def test_magnitude_direction_fit_is_exact(tmp_path):
   fit = plots.magnitude_direction_fit([{"name": "a", "diagnostics": rows}])
   assert fit["points"] == 6 and fit["slope"] == pytest.approx(-2.0) and fit["r"] == pytest.approx(-1.0)
   assert fit["r_within_step"] == pytest.approx(-1.0)
+
+
+def synthetic_trial(root, name, overrides, final=1.0):
+  d = os.path.join(root, name)
+  results.write_json(os.path.join(d, "trial.json"), {"index": 0, "overrides": overrides})
+  results.write_json(os.path.join(d, "result.json"), {"done": True, "eval_loss": final})
+  results.append_jsonl(os.path.join(d, "metrics.jsonl"), [{"step": s, "train_loss": final + 1 / s,
+                                                           "eval_loss": final} for s in (1, 2, 3)])
+
+
+def test_lr_plot_only_when_an_arm_has_two_learning_rates(tmp_path):
+  # DoRA's arms each set their own lr: a plot of final loss against lr would be one column of dots.
+  for i, arm in enumerate(("lora", "dora")):
+    synthetic_trial(tmp_path, arm, {"reparam.transform": arm, "optimizer.learning_rate": 0.01, "seed": 0}, i)
+  assert "(lr.png)" not in open(report.write(str(tmp_path), {})).read()
+  synthetic_trial(tmp_path, "dora-2", {"reparam.transform": "dora", "optimizer.learning_rate": 0.03, "seed": 0})
+  assert "(lr.png)" in open(report.write(str(tmp_path), {})).read()
+
+
+def test_pretraining_and_fine_tuning_get_separate_rows_and_distinct_colours(tmp_path):
+  synthetic_trial(tmp_path, "pretrain", {"data.source_seed": 0})
+  for r in range(12):          # more configurations than the 10 colours of matplotlib's default cycle
+    synthetic_trial(tmp_path, f"t{r}", {"init_from": "/x/pretrain", "reparam.transform": f"lora(rank={r + 1})"})
+  trials = report.load_trials(str(tmp_path))
+  stages = plots._stages(trials)
+  assert [(name, len(ts)) for name, ts in stages] == [("pretraining: ", 1), ("fine-tuning: ", 12)]
+  colours = [c for cs in plots._stage_colours(stages) for c in cs]
+  assert len(colours) == 13 and len(set(colours)) == 13
+  assert plots.curves(trials, str(tmp_path), "eval_loss") == "curves.png"
+  assert plots._stages([t for t in trials if t["name"] != "pretrain"])[0][0] == ""     # one stage: one row

@@ -4,7 +4,10 @@ diagnostics.jsonl, config.json); the report's own table comes from `python -m ex
     python docs/runs/tables.py weight_norm runs/weight_norm_smoke
     python docs/runs/tables.py nap runs/nap_smoke
     python docs/runs/tables.py dora runs/dora
+    python docs/runs/tables.py zero_shot runs/dora
     python docs/runs/tables.py multipliers runs/multipliers
+    python docs/runs/tables.py multiplier_values runs/multipliers
+    python docs/runs/tables.py equilibrium runs/multipliers
 
 Every cell is mean ± sample std (ddof=1) over the seeds of a configuration, like the report's table.
 """
@@ -101,27 +104,44 @@ def nap(workdir, tasks_early=range(0, 5), tasks_late=range(15, 20)):
 
 
 def dora(workdir):
-  """Final eval accuracy and loss of the fine-tuned arms, and the change (pretrained → fine-tuned) of the
-  fine-tuning text's eval loss; the pretrained model's own eval loss on that text is `eval_loss` at step 0,
-  which the sweep does not log, so it is left out."""
+  """Per fine-tuning arm, in sweep order: final eval accuracy, loss and loss above the source's entropy floor
+  (result.json), and the magnitude/direction statistics of the report's magnitude_direction.json (fitted slope of
+  ΔM on ΔD, Pearson r over every kernel, checkpoint and seed, the mean of r within a checkpoint, and r per
+  module over its 2 layers × 6 checkpoints × 2 seeds)."""
   import json
   path = os.path.join(workdir, "report", "magnitude_direction.json")
   fits = json.load(open(path)) if os.path.exists(path) else {}
   rows = []
-  for label, ts in groups(workdir).items():
-    if "init_from" not in ts[0]["overrides"]:
-      continue
-    short = report._label(ts[0]["overrides"], (report.SEED_KEY, "init_from"))
+  tuned = [(label, ts) for label, ts in groups(workdir).items() if "init_from" in ts[0]["overrides"]]
+  tuned.sort(key=lambda g: json.load(open(os.path.join(g[1][0]["path"], "trial.json")))["index"])
+  for label, ts in tuned:
+    short = ts[0]["name"].split(",")[0]          # the trial's name: full, lora_r4, ..., dora_r16
     f = fits.get(label, {})
     mods = f.get("r_by_module", {})
     rows.append([short, ms([t["result"]["eval_accuracy"] for t in ts], "{:.4f}"),
                  ms([t["result"]["eval_loss"] for t in ts], "{:.4f}"),
+                 ms([t["result"]["eval_loss_above_floor"] for t in ts], "{:.4f}"),
                  f"{f.get('slope', math.nan):.3g}", f"{f.get('r', math.nan):.2f}",
                  f"{f.get('r_within_step', math.nan):.2f}"]
                 + [f"{mods.get(k, math.nan):.2f}" for k in ("query", "key", "value", "out", "mlp_in", "mlp_out")])
-  head = ["arm", "eval accuracy", "eval loss", "slope ΔM/ΔD", "r (all points)", "r within step", "r query",
+  head = ["arm", "eval accuracy", "eval loss", "above floor", "slope ΔM/ΔD", "r (all points)", "r within step", "r query",
           "r key", "r value", "r out", "r mlp_in", "r mlp_out"]
   return table(head, rows)
+
+
+def zero_shot(workdir):
+  """The pretrained model (`<workdir>/pretrain`, no fine-tuning step) evaluated on the fine-tuning text of
+  configs/dora.py:smoke: the starting point every fine-tuning arm shares."""
+  import jax
+  from configs import dora as dora_config
+  from experiments import setup, train
+  c = dora_config.get_config("smoke")
+  c.init_from = os.path.join(os.path.abspath(workdir), "pretrain")
+  s = setup.build(c)
+  out = train.evaluate(s, jax.device_get(train.init_state(s)), train._mesh())
+  return table(["model", "eval loss", "eval loss above floor", "eval accuracy"],
+               [["pretrained, before fine-tuning", f"{out['eval_loss']:.4f}", f"{out['eval_loss_above_floor']:.4f}",
+                 f"{out['eval_accuracy']:.4f}"]])
 
 
 def multipliers(workdir):
@@ -142,6 +162,53 @@ def multipliers(workdir):
   head = ["optimizer", "η", "λ", "transform", "seeds", "eval loss above floor", "√(η/λ)", "stored ‖W‖_F",
           "effective ‖W‖_F", "stored / √(η/λ)"]
   return table(head, rows)
+
+
+def multiplier_values(workdir):
+  """Per multiplier configuration: the learned factors at the last diagnostics row (every factor starts at 1):
+  the mean over the 12 wrapped kernels of `<kernel>/<factor>/mean`, the smallest `/min` and the largest `/max`
+  of any kernel; and the ratio of the mean effective to the mean stored norm of the matrices."""
+  rows = []
+  for label, ts in groups(workdir).items():
+    last = [t["diagnostics"][-1] for t in ts]
+    factors = sorted({k.split("/")[-2] for k in last[0] if k.endswith(("/scalar/mean", "/row/mean", "/col/mean"))})
+    if not factors:
+      continue
+    pick = {"mean": np.mean, "min": np.min, "max": np.max}
+    stats = lambda f, s: ms([pick[s]([v for k, v in r.items() if k.endswith(f"/{f}/{s}")]) for r in last], "{:.2f}")
+    ratio = ms([np.divide(*_matrix_norms(r)[::-1]) for r in last], "{:.3f}")
+    rows.append([label, len(ts)] + ["; ".join(f"{f}: mean {stats(f, 'mean')}, min {stats(f, 'min')}, "
+                                              f"max {stats(f, 'max')}" for f in factors), ratio])
+  return table(["config", "seeds", "learned multipliers at the end", "effective / stored ‖W‖_F"], rows)
+
+
+def equilibrium(workdir, step=200):
+  """The `none` runs (stored = effective norm): per optimizer and √(η/λ), the mean matrix norm (mean over the 12
+  decayed kernels) at `step` and at each run's last step, and the exponent p of ‖W‖ ∝ √(η/λ)^p fitted by least
+  squares on the logs (seeds pooled; p = 1 is proportionality)."""
+  import json
+  by_opt = {}
+  for label, ts in groups(workdir).items():
+    for t in ts:
+      cfg = json.load(open(os.path.join(t["path"], "config.json")))
+      if cfg["reparam"]["transform"] != "none":
+        continue
+      opt = cfg["optimizer"]
+      x = math.sqrt(opt["learning_rate"] / opt["weight_decay"])
+      at = next(_matrix_norms(r)[0] for r in t["diagnostics"] if r["step"] == step)
+      by_opt.setdefault(opt["name"], []).append((x, at, _matrix_norms(t["diagnostics"][-1])[0],
+                                                 t["diagnostics"][-1]["step"]))
+  rows = []
+  for name, pts in by_opt.items():
+    pts.sort()
+    fit = lambda i: np.polyfit(np.log([p[0] for p in pts]), np.log([p[i] for p in pts]), 1)[0]
+    for x in sorted({p[0] for p in pts}):
+      sel = [p for p in pts if p[0] == x]
+      rows.append([name, f"{x:.3f}", len(sel), ms([p[1] for p in sel], "{:.2f}"),
+                   ms([p[2] for p in sel], "{:.2f}"), "/".join(str(p[3]) for p in sel)])
+    rows.append([name, "exponent p", "", f"{fit(1):.2f}", f"{fit(2):.2f}", ""])
+  return table(["optimizer", "√(η/λ)", "runs", f"‖W‖_F at step {step}", "‖W‖_F at the last step", "last step"],
+               rows)
 
 
 if __name__ == "__main__":
