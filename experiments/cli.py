@@ -8,7 +8,6 @@ whose traceback we want to see.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -60,18 +59,10 @@ def check_workdir(path: str) -> None:
 
 
 def check_run_dir(path: str) -> None:
-  """A run directory damaged outside the run fails now, with its path: an unreadable config.json would let a
-  rerun with another config resume over this run's results (the check against it could not run), and a
-  `checkpoints` that is a file fails inside orbax's background thread with a traceback."""
-  config, ckpt = os.path.join(path, "config.json"), os.path.join(path, "checkpoints")
-  if os.path.isfile(config):
-    try:
-      with open(config) as f:
-        json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{config!r} is unreadable ({type(e).__name__}: {str(e)[:80]}), so a rerun cannot check it "
-                        f"holds a run of this config: restore it, delete it to resume anyway, or use a new "
-                        f"--workdir") from None
+  """A run directory damaged outside the run fails now, with its path: a `checkpoints` that is a file fails
+  inside orbax's background thread with a traceback. (An unreadable config.json is refused by
+  `train._check_resumable`, which in-process calls go through too.)"""
+  ckpt = os.path.join(path, "checkpoints")
   if os.path.exists(ckpt) and not os.path.isdir(ckpt):
     raise ConfigError(f"{ckpt!r} is a file, not the run's checkpoint directory: move it away or use a new --workdir")
 

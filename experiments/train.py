@@ -303,12 +303,23 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _check_resumable(config, workdir: str) -> None:
   """Refuses, before anything is written, a workdir that is not a directory or that holds a run of another
-  config: resuming that would move its checkpoints aside as unreadable and overwrite its metrics and results."""
+  config: resuming that would move its checkpoints aside as unreadable and overwrite its metrics and results.
+  A config.json that is there but unreadable is refused too (the command lines, sweeps and in-process calls
+  all come through here): counted as absent, it would let any config resume over the run."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise reparam.ConfigError(f"workdir {workdir!r} is a file, not a directory")
-  old = results.read_json(os.path.join(workdir, "config.json"))
-  if not isinstance(old, dict):
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      old = json.load(f)
+    if not isinstance(old, dict):
+      raise ValueError(f"a JSON {type(old).__name__}, not an object")
+  except FileNotFoundError:
     return
+  except (ValueError, UnicodeDecodeError) as e:    # JSONDecodeError is a ValueError
+    raise reparam.ConfigError(f"{path!r} is unreadable ({type(e).__name__}: {str(e)[:80]}), so a rerun cannot "
+                              f"check it holds a run of this config: restore it, delete it to resume anyway, or "
+                              f"use a new --workdir") from None
   before, now = _flat(old), _flat(json.loads(json.dumps(results._plain(config.to_dict()))))
   diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)
           and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in _MAY_CHANGE_ON_RESUME)]

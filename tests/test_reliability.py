@@ -559,6 +559,23 @@ def test_rerun_with_another_config_is_refused_and_a_changed_display_flag_is_not(
   assert result == results.read_json(os.path.join(finished_run, "result.json"))
 
 
+@pytest.mark.parametrize("content,error", [("garbage", "JSONDecodeError: Expecting value: line 1 column 1"),
+                                           ("[1, 2]", "ValueError: a JSON list, not an object")])
+def test_in_process_run_over_an_unreadable_config_json_is_refused(tmp_path, content, error):
+  """`train.train_and_evaluate` called from Python, not only the command lines, refuses a workdir whose
+  config.json it cannot read: it used to count it as absent and train over the run."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(content)
+  before = snapshot(workdir)
+  with pytest.raises(reparam.ConfigError) as e:
+    train.train_and_evaluate(set_keys(quickstart.get_config("steps=6"), {"train.progress": False,
+                                                                         "train.tensorboard": False}), str(workdir))
+  assert str(e.value).startswith(f"'{workdir}/config.json' is unreadable ({error}") and "\n" not in str(e.value)
+  assert "so a rerun cannot check it holds a run of this config" in str(e.value)
+  assert snapshot(workdir) == before
+
+
 BAD_SWEEP = '''
 from configs import quickstart
 
