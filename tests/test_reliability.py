@@ -559,6 +559,26 @@ def test_rerun_with_another_config_is_refused_and_a_changed_display_flag_is_not(
   assert result == results.read_json(os.path.join(finished_run, "result.json"))
 
 
+def test_moved_data_resumes_a_run_and_a_finished_sweep_and_real_changes_are_still_refused(finished_run, tmp_path):
+  """Another `data.dir` (prepared TFDS data moved elsewhere) does not change what a run computes: a run and a
+  finished sweep's trial resume. It used to be refused as "another config". A real change beside it is still
+  refused, and the message names that key only."""
+  moved, changed = {"data.dir": str(tmp_path / "elsewhere")}, {"data.train_size": 100}
+  refused = r"holds a run of another config \(data\.train_size=None there, 100 now\); rerun"
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  assert train.train_and_evaluate(set_keys(ref_config(), moved), workdir) == results.read_json(
+      os.path.join(finished_run, "result.json"))
+  with pytest.raises(reparam.ConfigError, match=refused):
+    train.train_and_evaluate(set_keys(ref_config(), {**moved, **changed}), workdir)
+  sweep_dir = tmp_path / "sweep"
+  shutil.copytree(finished_run, sweep_dir / "seed=0")
+  sweep.check_trials(str(sweep_dir), sweep.expand(set_keys(ref_config(), moved), [{"seed": 0}], str(sweep_dir)))
+  with pytest.raises(reparam.ConfigError, match=r"get_sweep\(\)\[0\] \(trial seed=0\): .*" + refused):
+    sweep.check_trials(str(sweep_dir), sweep.expand(set_keys(ref_config(), {**moved, **changed}), [{"seed": 0}],
+                                                    str(sweep_dir)))
+
+
 @pytest.mark.parametrize("content,error", [("garbage", "JSONDecodeError: Expecting value: line 1 column 1"),
                                            ("[1, 2]", "ValueError: a JSON list, not an object")])
 def test_in_process_run_over_an_unreadable_config_json_is_refused(tmp_path, content, error):
