@@ -128,7 +128,17 @@ def _check_data_init(cfg, rules) -> None:
 
 
 def _load_pretrained(params: dict, path: str) -> dict:
-  """Leaves of `params` replaced by the same-path, same-shape leaves of a finished run's params.msgpack."""
+  """`params` with every leaf replaced by the same-path leaf of a finished run's params.msgpack (in the model's
+  dtype).
+
+  The file must hold this model's whole tree, every leaf with the model's shape: a leaf whose shape differs, a
+  leaf missing from the file and a leaf the model lacks are one ConfigError naming the first of each. Any of them
+  means `init_from` names a run of another model (another width, depth or vocabulary), and these leaves used to
+  stay at their random init without a word. Skipping leaves missing from the file is not intended anywhere:
+  `init_from` starts from a whole pretrained model (configs/dora.py fine-tunes the very model its `pretrain`
+  trial trained and freezes its embedding, head and norms, which would be frozen noise if left unloaded), and
+  a model with a new part (e.g. another head) would first need a config key naming what may stay at init.
+  """
   file = os.path.join(path, "params.msgpack") if os.path.isdir(path) else path
   if not os.path.exists(file):
     raise reparam.ConfigError(f"init_from={path!r}: no params.msgpack there (is the pretraining run finished?)")
@@ -139,12 +149,25 @@ def _load_pretrained(params: dict, path: str) -> dict:
     raise reparam.ConfigError(f"init_from={path!r}: " + (f"{file!r}: " if file != path else "") +
                               f"not the params.msgpack of a finished run ({type(e).__name__}: {str(e)[:100]})"
                               ) from None
+  _check_same_tree(path, loaded, reparam.flatten(params))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.numpy.asarray(loaded[reparam.core.path_str(p)], x.dtype), params)
 
-  def pick(p, x):
-    y = loaded.get(reparam.core.path_str(p))
-    return x if y is None or y.shape != x.shape else jax.numpy.asarray(y, x.dtype)
 
-  return jax.tree_util.tree_map_with_path(pick, params)
+def _check_same_tree(path: str, loaded: dict, model: dict) -> None:
+  """One line naming the first leaves (up to three of each kind) where a pretrained tree and the model differ."""
+  def first(items: list[str], sep: str = ", ") -> str:
+    return sep.join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+  shapes = [f"{p} is {tuple(loaded[p].shape)} there, {tuple(x.shape)} here" for p, x in model.items()
+            if p in loaded and tuple(loaded[p].shape) != tuple(x.shape)]
+  missing = [p for p in model if p not in loaded]
+  extra = [p for p in loaded if p not in model]
+  parts = ([first(shapes, "; ")] if shapes else []) + ([f"missing there: {first(missing)}"] if missing else []
+                                                       ) + ([f"not in this model: {first(extra)}"] if extra else [])
+  if parts:
+    raise reparam.ConfigError(f"init_from={path!r} holds another model's parameters: {'; '.join(parts)}; use the "
+                              f"model config of the run it names")
 
 
 def build(config) -> Setup:

@@ -526,6 +526,22 @@ def test_bad_config_is_one_config_error_before_anything_is_written(tmp_path, ove
     assert str(e2.value) == str(e.value)
 
 
+@pytest.mark.parametrize("hidden,message", [
+    ((64,), "Dense_0/bias is (128,) there, (64,) here; Dense_0/kernel is (64, 128) there, (64, 64) here; head/kernel "
+            "is (128, 10) there, (64, 10) here; not in this model: Dense_1/bias, Dense_1/kernel"),
+    ((128, 128, 128), "missing there: Dense_2/bias, Dense_2/kernel")], ids=["other-width", "deeper"])
+def test_init_from_a_run_of_another_model_is_refused_naming_the_leaves(finished_run, tmp_path, hidden, message):
+  """`init_from` a run of another width or depth: one ConfigError naming the first leaves and both shapes, before
+  anything is written. Before, those leaves silently stayed at their random init."""
+  config = set_keys(quickstart.get_config("steps=6"), {"init_from": finished_run, "model.hidden": hidden})
+  workdir = tmp_path / "run"
+  with pytest.raises(reparam.ConfigError) as e:
+    train.train_and_evaluate(config, str(workdir))
+  assert str(e.value) == (f"init_from={finished_run!r} holds another model's parameters: {message}; use the model "
+                          f"config of the run it names")
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: sweep.parse_shard("3/2"), "--shard='3/2' must be k/N with 0 <= k < N"),
     (lambda: sweep.parse_shard("1/0"), "--shard='1/0' must be k/N"),
