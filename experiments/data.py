@@ -257,8 +257,7 @@ def _lm(name, sample, eval_NxL1, vocab_size: int, opts, train_tokens: int, floor
 
 def _load_markov(opts) -> Dataset:
   vocab, order, seq_len, seed = opts["vocab_size"], opts["order"], opts["seq_len"], opts["source_seed"]
-  if vocab ** (order + 1) > 2**22:      # the transition table's entries
-    raise ConfigError(f"data.vocab_size**(data.order+1)={vocab}**{order + 1} is too large (at most 2**22)")
+  _check_markov_size(vocab, order)
   p_SxV = markov_table(vocab, order, opts["concentration"], _rng(seed, "table"))
   pi_S = stationary(p_SxV, vocab)
   row_len = max(1024, 4 * (seq_len + 1))
@@ -268,6 +267,24 @@ def _load_markov(opts) -> Dataset:
   rate = entropy_rate(p_SxV, pi_S)
   return _lm("markov", _window_sampler(train_RxT, seq_len), eval_NxL1, vocab, opts, train_RxT.size,
              window_floor(p_SxV, pi_S, vocab, order, seq_len), entropy_rate=rate, table=p_SxV)
+
+
+MARKOV_TABLE_MAX = 2**22       # entries of the transition table, vocab_size**(order + 1)
+
+
+def _check_markov_size(vocab: int, order: int) -> None:
+  """At least two tokens (a language of one has nothing to predict: loss 0 from step 0), and a transition table
+  of at most MARKOV_TABLE_MAX entries."""
+  top = 1
+  while (top + 1) ** (order + 1) <= MARKOV_TABLE_MAX:
+    top += 1
+  if top < 2:
+    raise ConfigError(f"data.order={order} is too large for the markov source: 2**(order+1) transition-table "
+                      f"entries exceed 2**22 (order at most 21)")
+  if not 2 <= vocab <= top:
+    raise ConfigError(f"data.vocab_size={vocab} must be an integer in [2, {top}] for the markov source with "
+                      f"data.order={order} (one token leaves nothing to predict; vocab_size**(order+1) transition "
+                      f"entries must stay <= 2**22)")
 
 
 def markov_table(vocab: int, order: int, concentration: float, rng) -> np.ndarray:

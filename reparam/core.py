@@ -90,7 +90,12 @@ def chain(*transforms: Reparam) -> Reparam:
   Each stage is initialized on the previous stage's output, so a chain of identity-at-init transforms is the
   identity at init. Factors are stored under each stage's name (`lora`, `lora_1` when a name repeats). Stages
   before a stage that freezes its input (LoRA, DoRA) are frozen too: that is what fine-tuning on top means.
+  An empty chain is refused rather than taken as the identity: `chain()` is far more often a list that came out
+  empty by mistake than a wish for `identity()`.
   """
+  if not transforms:
+    raise ConfigError("chain needs at least one transform, e.g. chain(weight_norm(), multipliers(row=True)); "
+                      "identity() is the transform that changes nothing")
   names = []
   for t in transforms:
     name, k = t.name, 1
@@ -101,7 +106,7 @@ def chain(*transforms: Reparam) -> Reparam:
 
   def init(key, w):
     factors = {}
-    for name, t, k in zip(names, transforms, jax.random.split(key, max(len(transforms), 1))):
+    for name, t, k in zip(names, transforms, jax.random.split(key, len(transforms))):
       factors[name] = t.init(k, w)
       w = t.apply(factors[name], w)
     return factors

@@ -221,3 +221,13 @@ def test_transforms_from_config_data():
                    ("multipliers()", "choose at least one")]:
     with pytest.raises(reparam.ConfigError, match=msg):
       reparam.rules_from_spec([(".*", bad)], where="model.rules")
+
+
+def test_an_empty_chain_is_refused():
+  """`chain()` used to be accepted as the identity: most often a list of stages that came out empty by mistake."""
+  with pytest.raises(reparam.ConfigError, match=r"^chain needs at least one transform, e.g. chain\(weight_norm\(\)"):
+    reparam.chain()
+  for spec in ("chain()", " chain( ) ", [], ()):
+    with pytest.raises(reparam.ConfigError, match=r"^model.rules\[0\]: chain needs at least one transform, e.g. "
+                                                  r"'chain\(weight_norm, multipliers\(row=True\)\)'"):
+      reparam.rules_from_spec([(".*", spec)], where="model.rules")

@@ -111,6 +111,15 @@ def test_markov_lm_batches():
   assert np.array_equal(b["x"][:, 1:], b["y"][:, :-1])
 
 
+@pytest.mark.parametrize("vocab,order,top", [(1, 2, 161), (1000, 3, 45), (2049, 1, 2048)])
+def test_markov_vocab_size_outside_its_range_names_the_range(vocab, order, top):
+  """vocab_size=1 used to be accepted: a one-token language, nothing to predict (loss 0 from the first step)."""
+  with pytest.raises(ConfigError) as e:
+    data.load({"name": "markov", "vocab_size": vocab, "order": order})
+  assert str(e.value).startswith(f"data.vocab_size={vocab} must be an integer in [2, {top}] for the markov source "
+                                 f"with data.order={order}")
+
+
 @pytest.mark.parametrize("config, key", [
     ({"name": "imagenet"}, "data.name"), ({"name": "markov", "order": 0}, "data.order"),
     ({"name": "markov", "task_kind": "permute"}, "data.task_kind"), ({"name": "digits", "task_kind": "x"},

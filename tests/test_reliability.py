@@ -508,6 +508,11 @@ BAD_CONFIGS = [   # (overrides of quickstart, the message must contain this)
      "block_0/key/kernel (shape (128, 128)): dora: rank=1000 must be an integer in [1, min(in, out) = 128]"),
     ({"data.name": "markov", "model.name": "transformer", "model.d_model": 64, "model.num_heads": 5},
      "model.d_model=64 must be divisible by model.num_heads=5"),
+    # Accepted before: an empty chain ran as the identity, and a one-token language trained to loss 0.
+    ({"reparam.transform": "chain()"}, "reparam.transform: chain needs at least one transform, e.g. "
+                                       "'chain(weight_norm, multipliers(row=True))', or 'none' for no transform"),
+    ({"data.name": "markov", "model.name": "transformer", "data.vocab_size": 1},
+     "data.vocab_size=1 must be an integer in [2, 161] for the markov source with data.order=2"),
 ]
 
 

@@ -33,12 +33,20 @@ def _call(name: str, kwargs: Mapping[str, Any], where: str) -> Reparam:
     raise ConfigError(f"{where}: {name}(): {e}") from None
 
 
+def _chain(stages: list[Reparam], where: str) -> Reparam:
+  """`chain(*stages)`, its refusal of no stages (an empty list or 'chain()') named by the config key."""
+  if not stages:
+    raise ConfigError(f"{where}: chain needs at least one transform, e.g. 'chain(weight_norm, multipliers(row=True))'"
+                      f", or 'none' for no transform")
+  return chain(*stages)
+
+
 def _from_ast(node: ast.AST, where: str) -> Reparam:
   if isinstance(node, ast.Name):
     return _call(node.id, {}, where)
   if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
     if node.func.id == "chain" and not node.keywords:
-      return chain(*(_from_ast(a, where) for a in node.args))
+      return _chain([_from_ast(a, where) for a in node.args], where)
     if node.args:
       raise ConfigError(f"{where}: pass {node.func.id}() options by name, e.g. {node.func.id}(rank=4)")
     try:
@@ -75,7 +83,7 @@ def from_spec(spec: Any, where: str = "transform") -> Reparam | None:
     stages = [from_spec(s, f"{where}[{i}]") for i, s in enumerate(spec)]
     if any(s is None for s in stages):
       raise ConfigError(f"{where}: 'none' cannot be a stage of a chain")
-    return chain(*stages)
+    return _chain(stages, where)
   raise ConfigError(f"{where}: expected a transform name, call string, dict or list, got {type(spec).__name__}")
 
 
