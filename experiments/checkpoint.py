@@ -68,6 +68,19 @@ def _collect_quietly() -> None:
     sys.unraisablehook = hook
 
 
+def brief(message: str, limit: int = 120) -> str:
+  """The first sentence of the first line, cut at a word boundary with "…" if still longer than `limit`:
+  TensorStore's messages go on with "See full TensorStore details: <bound method ...>" and a whole spec."""
+  line = (message.strip().splitlines() or [""])[0]
+  head, dot, _ = line.partition(". ")
+  line = head + "." if dot else line
+  if len(line) <= limit:
+    return line
+  window = line[:limit + 1]           # a space right after the limit ends a whole word
+  cut = window.rsplit(" ", 1)[0] if " " in window else line[:limit - 1]
+  return cut.rstrip(" ,;:") + "…"
+
+
 def restore_latest(mgr: ocp.CheckpointManager, like, max_step: int | None = None, log=logging.warning):
   """Restores the newest readable step (at most `max_step`) into the structure of `like`.
 
@@ -79,7 +92,7 @@ def restore_latest(mgr: ocp.CheckpointManager, like, max_step: int | None = None
     try:
       return _restore_step(path, abstract), step
     except Exception as e:  # noqa: BLE001  any failure to read a step means: try the one before
-      error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+      error = f"{type(e).__name__}: {brief(str(e))}"
     _collect_quietly()
     log(f"checkpoint step {step} is unreadable ({error}); moved to {path}.unreadable, trying the previous one")
     if os.path.isdir(path):

@@ -313,8 +313,23 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_resumed(fini
     assert re.search(rf"checkpoint step {step} is unreadable \(.+\); moved to .*{step}\.unreadable", caplog.text)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", f"{step}.unreadable"))
   assert "checkpoint step 20 is unreadable" not in caplog.text or len(steps) == 3
+  ours = [line for line in caplog.text.splitlines() if "is unreadable (" in line]
+  assert ours and not any("See full TensorStore details" in line for line in ours), ours   # its first sentence
   assert ckpt_steps(workdir) == [10, 20, 30]
   assert_same_run(finished_run, workdir)
+
+
+def test_checkpoint_warning_cuts_a_long_message_at_a_sentence_or_a_word():
+  """TensorStore's message used to be cut at 120 characters, mid-word: `... See full TensorStore details: <bound m`.
+  Now its first sentence is kept, and a long sentence is cut after a whole word, with "…"."""
+  tensorstore = ("Encountered error while reading array index: (slice(0, 128, 1), slice(0, 10, 1)). See full "
+                 "TensorStore details: <bound method Spec.to_json of Spec({'driver': 'zarr3', 'kvstore': {}})>")
+  assert checkpoint.brief(tensorstore) == ("Encountered error while reading array index: (slice(0, 128, 1), "
+                                           "slice(0, 10, 1)).")
+  words = " ".join(f"word{i}" for i in range(40))
+  cut = checkpoint.brief(words)
+  assert cut.endswith("…") and len(cut) <= 121 and words.startswith(cut[:-1]) and words[len(cut) - 1] == " "
+  assert checkpoint.brief("checksum mismatch in Dense_0/kernel\nsecond line") == "checksum mismatch in Dense_0/kernel"
 
 
 # --------------------------------------------------------------------------------------------------- determinism
