@@ -36,6 +36,7 @@ class Setup:
   tx: Any
   forward: Callable       # (rparams, collections, x, train, rng) -> (logits, collections)
   eval_step: Callable     # (params, collections, batch) -> (loss, accuracy, weight)
+  init_fn: Callable = None  # jitted (key, x) -> the model's variables
 
 
 def loss_and_accuracy(logits, labels, mask=None):
@@ -170,16 +171,23 @@ def _check_same_tree(path: str, loaded: dict, model: dict) -> None:
                               f"model config of the run it names")
 
 
-def build(config) -> Setup:
-  _validate(config)
-  rules = rules_from_config(config.reparam)
-  _check_data_init(config.reparam, rules)
-  with _quiet_tfds():
-    dataset = data.load(config.data)
-  model = models.make(config.model, dataset)
+def build(config, like: Setup | None = None) -> Setup:
+  """Everything a run of `config` needs. `like` is the Setup of a run whose config differs only in `seed` (the
+  seeds of a vmapped group): its data, model, rules, optimizer and compiled init are reused, and only this
+  seed's parameters are initialized."""
+  if like is None:
+    _validate(config)
+    rules = rules_from_config(config.reparam)
+    _check_data_init(config.reparam, rules)
+    with _quiet_tfds():
+      dataset = data.load(config.data)
+    model = models.make(config.model, dataset)
+    init_fn = jax.jit(lambda k, x: model.init({"params": k, "dropout": k}, x, train=False))
+  else:
+    rules, dataset, model, init_fn = like.rules, like.dataset, like.model, like.init_fn
   key = jax.random.key(config.seed)
   x = dataset.batch(0, 2, config.seed)["x"]
-  variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, x, train=False))(key)
+  variables = init_fn(key, x)
   params, collections = variables["params"], {k: v for k, v in variables.items() if k != "params"}
   if config.get("init_from"):
     params = _load_pretrained(params, config.init_from)
@@ -190,9 +198,11 @@ def build(config) -> Setup:
     # statistics); in eval mode a CNN with dropout 0.5 started with ~8x too large logits.
     rparams = data_dependent_init(rules, model, rparams, batch, train=True, collections=collections,
                                   rngs={"dropout": jax.random.fold_in(key, 2)}, mutable=list(collections))
+  if like is not None:
+    return dataclasses.replace(like, config=config, params=params, collections=collections, rparams=rparams)
   tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps)
   return Setup(config, dataset, model, rules, params, collections, rparams, tx,
-               forward_fn(model, rules, config.train.get("fast_path", True)), _eval_fn(model))
+               forward_fn(model, rules, config.train.get("fast_path", True)), _eval_fn(model), init_fn)
 
 
 def check(config, datasets: dict | None = None) -> None:

@@ -180,8 +180,9 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   Each run writes exactly what it would write alone (its own metrics, checkpoints and result), so a vmapped
   group and separate runs can resume each other.
   """
-  runs = [Run(c, w, build(c)) for c, w in zip(configs, workdirs)]   # config errors surface before any output
   _check_same_but_seed(configs)
+  first = build(configs[0])                          # config errors surface before any output
+  runs = [Run(c, w, first if i == 0 else build(c, like=first)) for i, (c, w) in enumerate(zip(configs, workdirs))]
   for c, w in zip(configs, workdirs):
     _check_resumable(c, w)
   for run in runs:
@@ -198,7 +199,9 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   step_fn = jax.jit(jax.vmap(make_train_step(s)) if stacked else make_train_step(s), donate_argnums=0)
   diag_fn = jax.jit(functools.partial(diagnostics.layer_stats, s.rules))
   base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]   # W₀ for the magnitude/direction analysis
-  view = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if stacked else (lambda tree, i: tree)
+  # Every seed's slice of a stacked tree in one dispatch (a slice per leaf and seed would be ~n·leaves of them).
+  unstack = jax.jit(lambda tree: tuple(jax.tree.map(lambda x: x[i], tree) for i in range(n))) if stacked else (
+      lambda tree: (tree,))
   t0, rows = time.time(), [{} for _ in runs]
   if start == tcfg.steps:    # stopped after the last checkpoint, before result.json: its final row is logged
     for i, run in enumerate(runs):
@@ -214,11 +217,14 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     log_due = step % tcfg.log_every == 0 or step == tcfg.steps
     eval_due = (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps
     ckpt_due = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps
+    if not (diag_due or log_due or eval_due or ckpt_due):
+      bar.update(1)
+      continue
+    states_i, prevs_i = unstack(state), unstack(prev) if diag_due else None
     for i, run in enumerate(runs):
-      st = view(state, i)
+      st = states_i[i]
       if diag_due:
-        stats = jax.device_get(diag_fn(view(prev, i), st["rparams"],
-                                       base[i]))
+        stats = jax.device_get(diag_fn(prevs_i[i], st["rparams"], base[i]))
         results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats}])
       if (log_due or eval_due or ckpt_due) and not tcfg.skip_nonfinite:   # skipping: the step was undone
         try:
@@ -243,10 +249,10 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     bar.update(1)
   bar.close()
   finals = []
-  for i, run in enumerate(runs):
+  for run, st, row in zip(runs, unstack(state), rows):
     run.mgr.wait_until_finished()
-    row = rows[i] or evaluate(s, view(state, i), mesh)
-    finals.append(_finish(run, view(state, i), {k: v for k, v in row.items() if k != "steps_per_sec"}))
+    row = row or evaluate(s, st, mesh)
+    finals.append(_finish(run, st, {k: v for k, v in row.items() if k != "steps_per_sec"}))
   return finals
 
 

@@ -245,9 +245,31 @@ def materialize(rules: Rules, rparams):
   return _map_wrapped(compiled, rparams, lambda path, t, factors, w: t.apply(factors, w), lambda path, x: x)
 
 
+class _StaticRules(tuple):
+  """Rules as a `jit` static argument: equal when the same regexes map to the very same transform objects.
+
+  Transforms hold functions, so equality is identity; jit's cache keeps the key (and so the transforms) alive,
+  hence an id is never reused while its entry exists."""
+
+  def __hash__(self):
+    return hash(tuple((pattern, id(t)) for pattern, t in self))
+
+  def __eq__(self, other):
+    return (isinstance(other, _StaticRules) and len(self) == len(other)
+            and all(p == q and s is t for (p, s), (q, t) in zip(self, other)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _merge(rules: _StaticRules, rparams):
+  return materialize(list(rules), rparams)
+
+
 def merge(rules: Rules, rparams):
-  """The plain tree for inference, computed once: the model then runs with no transform overhead at all."""
-  return jax.jit(functools.partial(materialize, rules))(rparams)
+  """The plain tree for inference, computed once: the model then runs with no transform overhead at all.
+
+  Jitted once per rules and shapes: calling it at every evaluation does not recompile."""
+  _compile(rules)       # a bad rule is a ConfigError here, not an unhashable-argument error inside jit
+  return _merge(_StaticRules(tuple(r) for r in rules), rparams)
 
 
 def default_role(path: str, ndim: int) -> str:

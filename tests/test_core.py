@@ -71,6 +71,29 @@ def test_merge_equals_materialize(setup):
                              model.apply({"params": reparam.materialize(RULES, rp)}, x), rtol=1e-5, atol=1e-5)
 
 
+def test_merge_compiles_once_per_rules_and_tells_transforms_apart():
+  """Evaluation merges at every eval: it must not recompile each time; but rules with another transform object
+  (another computation) must not hit the first one's cache."""
+  model = nn.Dense(3)
+  params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  rules = [(r"kernel", reparam.multipliers(row=True))]
+  rp = reparam.init(rules, params, jax.random.key(1))
+  rp["kernel"]["row"] = jnp.array([1.0, 2.0, 3.0])
+  before = reparam.core._merge._cache_size()
+  for _ in range(3):
+    merged = reparam.merge(list(rules), rp)             # a new list of the same rules: the same entry
+  assert reparam.core._merge._cache_size() == before + 1
+  np.testing.assert_allclose(merged["kernel"], params["kernel"] * np.array([1.0, 2.0, 3.0]), rtol=1e-6)
+  # Same regex, same factor shapes, another computation: LoRA's scale α/r is 1 in one, 2 in the other.
+  lora1, lora2 = ([(r"kernel", reparam.lora(rank=1, alpha=a))] for a in (1.0, 2.0))
+  rp2 = reparam.init(lora1, params, jax.random.key(1))
+  rp2["kernel"]["B"] = jnp.ones((1, 3))
+  ab = np.asarray(rp2["kernel"]["A"]) @ np.ones((1, 3))
+  np.testing.assert_allclose(reparam.merge(lora1, rp2)["kernel"], params["kernel"] + ab, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(reparam.merge(lora2, rp2)["kernel"], params["kernel"] + 2 * ab, rtol=1e-5, atol=1e-6)
+  assert reparam.core._merge._cache_size() == before + 3
+
+
 def test_roles_tree(setup):
   _, _, params = setup
   rp = reparam.init(RULES, params, jax.random.key(2))
