@@ -19,8 +19,9 @@ Also measured: Muon against AdamW with the Newton–Schulz share of the step's F
 `4·m²·n + 2·m³` per `m × n` matrix, m ≤ n), our weight norm against `flax.linen.WeightNorm` on the same kernels,
 and the throughput of 8 seeds of the quickstart model trained as one vmapped program (`--vmap_seeds`) against 8
 runs one after the other, both per step and end to end (`train_seeds` / `train_and_evaluate`, compilation,
-evaluation and checkpoints included). Where torch and peft are installed (`pip install -e ".[peft]"`), peft's
-DoRA/LoRA step ratio on the same shapes is printed beside ours (benchmarks/peft_dora.py).
+evaluation and checkpoints included, with a fresh persistent compilation cache as a sweep has). Where torch
+and peft are installed (`pip install -e ".[peft]"`), peft's DoRA/LoRA step ratio on the same shapes is printed
+beside ours (benchmarks/peft_dora.py).
 
 This prints and writes numbers; it asserts nothing. Targets (issue 6) are shown beside the ratios.
 """
@@ -261,7 +262,13 @@ def seeds_throughput(n_seeds: int, steps: int, rounds: int, calls: int) -> dict:
   step_ratio = ratio(times, "sequential", "vmapped")
 
   def end_to_end(vmapped: bool) -> float:
+    """Wall time of the 8 runs as a sweep does them: with a persistent compilation cache (experiments/cli.py),
+    a fresh one, so that each way compiles its own programs once."""
+    from jax._src import compilation_cache     # reset_cache: the cache directory is read once, at first use
     with tempfile.TemporaryDirectory() as tmp:
+      jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "jax_cache"))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+      compilation_cache.reset_cache()
       configs = []
       for seed in range(n_seeds):
         c = ml_collections.ConfigDict(config.to_dict())
@@ -274,7 +281,10 @@ def seeds_throughput(n_seeds: int, steps: int, rounds: int, calls: int) -> dict:
       else:
         for c, d in zip(configs, dirs):
           train.train_and_evaluate(c, d)
-      return time.perf_counter() - t0
+      elapsed = time.perf_counter() - t0
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    return elapsed
 
   e2e = {"sequential": [], "vmapped": []}
   for i in range(max(1, rounds // 10)):

@@ -18,6 +18,10 @@ from absl import flags
 from reparam.core import ConfigError
 
 flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+flags.DEFINE_bool("compilation_cache", True, "Keep compiled XLA programs on disk (see `compilation_cache`), so "
+                  "the seeds of a sweep and a resumed run do not compile them again.")
+
+CACHE_MAX_BYTES = 2 * 2**30      # JAX evicts the least recently used programs beyond this
 
 INPUT_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
                 IsADirectoryError)
@@ -118,6 +122,29 @@ def _unloaded_config(name: str) -> str | None:
   error = object.__getattribute__(value, "_error")
   last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
   return f"--{name}: cannot load the config file: {last}"
+
+
+def compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache, unless `--nocompilation_cache` or the user already chose a
+  directory (`JAX_COMPILATION_CACHE_DIR`); returns the directory in use.
+
+  The seeds of a configuration compile identical programs: with the cache, 8 sequential quickstart runs took
+  15 s instead of 40 s here. It lives in the user's cache directory, not the workdir (a refused rerun must leave
+  the workdir untouched), one folder per host: a CPU executable compiled on one machine of a shared home
+  directory need not run on another."""
+  import socket
+
+  import jax
+  if not flags.FLAGS.compilation_cache:
+    return None
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  path = os.path.join(root, "reparam", f"jax-{socket.gethostname()}")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # small programs are most of a run's
+  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  return path
 
 
 def fail(message: str) -> None:

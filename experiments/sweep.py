@@ -185,6 +185,7 @@ def main(argv) -> int:
   k, n = parse_shard(FLAGS.shard)
   from experiments import cli
   cli.check_workdir(FLAGS.workdir)
+  cli.compilation_cache()
   config_arg = config_flags.get_config_filename(FLAGS["config"])     # "path[:arg]", as given
   trials = expand(FLAGS.config, load_sweep(config_arg), FLAGS.workdir)
   mine = shard(trials, k, n)

@@ -384,6 +384,7 @@ def main(argv) -> int:
     raise reparam.ConfigError("--config is required, e.g. --config configs/quickstart.py")
   from experiments import cli
   cli.check_workdir(FLAGS.workdir)
+  cli.compilation_cache()
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):      # multi-host: every host runs this same command
     jax.distributed.initialize()
   logging.getLogger("absl").setLevel(logging.WARNING)

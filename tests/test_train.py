@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -131,3 +132,21 @@ def test_config_json_records_the_resolved_config(tmp_path):
   train.train_and_evaluate(c, str(tmp_path))
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["optimizer"]["name"] == "adamw" and saved["train"]["steps"] == 3
+
+
+def test_compiled_programs_are_cached_per_host_outside_the_workdir(tmp_path):
+  """The command line keeps XLA programs in the user's cache directory (one folder per host), not in the
+  workdir; --nocompilation_cache turns it off; a directory the user chose (JAX_COMPILATION_CACHE_DIR) wins."""
+  args = ["--config", "configs/quickstart.py:steps=4", "--config.train.progress=False",
+          "--config.train.tensorboard=False"]
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+  run_cli([*args, "--workdir", str(tmp_path / "a")], env=env)
+  folders = os.listdir(tmp_path / "xdg" / "reparam")
+  assert folders == [f"jax-{socket.gethostname()}"] and os.listdir(tmp_path / "xdg" / "reparam" / folders[0])
+  assert not any(".jax" in name or "cache" in name for name in os.listdir(tmp_path / "a"))
+  env["XDG_CACHE_HOME"] = str(tmp_path / "xdg2")
+  run_cli([*args, "--workdir", str(tmp_path / "b"), "--nocompilation_cache"], env=env)
+  assert not os.path.exists(tmp_path / "xdg2")
+  run_cli([*args, "--workdir", str(tmp_path / "c")], env={**env, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")})
+  assert os.listdir(tmp_path / "mine") and not os.path.exists(tmp_path / "xdg2")
