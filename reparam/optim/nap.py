@@ -97,8 +97,9 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
       t, n = targets[path], norms[groups[path]]
       # Zero target: a zero-init leaf, nothing to keep. Zero norm: no direction to rescale.
       scale = jnp.where((t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
-      projected = (x.astype(jnp.float32) * scale).astype(x.dtype) - p
-      return jnp.where(project, projected.astype(u.dtype), u)
+      projected = ((x.astype(jnp.float32) * scale).astype(x.dtype) - p).astype(u.dtype)
+      # every=1 projects at every step: no select, which would read both updates of every matrix
+      return projected if every == 1 else jnp.where(project, projected, u)
 
     updates = jax.tree_util.tree_map_with_path(
         lambda kp, p, u, x: one(path_str(kp), p, u, x), params, updates, new)
