@@ -143,7 +143,11 @@ def compilation_cache() -> str | None:
   path = os.path.join(root, "reparam", f"jax-{socket.gethostname()}")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # small programs are most of a run's
-  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  try:
+    import filelock  # noqa: F401  JAX needs it to bound the cache; without it every read warns on stderr
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  except ImportError:
+    pass
   return path
 
 
