@@ -312,14 +312,15 @@ def main():
   ap.add_argument("--calls", type=int, default=5, help="steps per timed sample")
   ap.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank")
   ap.add_argument("--regime", action="append", default=None,
-                  help="d_model,batch,seq (repeatable); default: 512,1,128 and 256,16,256")
+                  help="d_model,batch,seq (repeatable); default: 512,1,128 and 256,16,256; none: only the seeds")
   ap.add_argument("--only", default="", help="regex: time only the variants it matches (and their references)")
   ap.add_argument("--seeds", type=int, default=8, help="seeds for the vmap comparison (0: skip it)")
   ap.add_argument("--seeds_steps", type=int, default=300, help="steps of each end-to-end quickstart run")
   ap.add_argument("--peft", action="store_true", help="also time peft's LoRA and DoRA (needs torch and peft)")
   ap.add_argument("--json", default=None, help="write every number (and the raw timings) here")
   args = ap.parse_args()
-  regimes = [tuple(int(x) for x in r.split(",")) for r in args.regime] if args.regime else REGIMES
+  regimes = ([] if args.regime == ["none"] else [tuple(int(x) for x in r.split(",")) for r in args.regime]
+             if args.regime else REGIMES)
 
   dev = jax.devices()[0]
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,

@@ -186,3 +186,13 @@ def test_task_sequence_switches_tasks_and_evaluates_the_current_one():
     assert same(next(seq.eval_batches(16, step=step)), next(tasks[t].eval_batches(16)))
   with pytest.raises(ConfigError, match="data.steps_per_task=10 needs data.task_kind"):
     data.load({"name": "digits", "steps_per_task": 10})
+
+
+def test_digits_read_without_sklearn_equal_sklearns_load_digits():
+  """The bundled CSV read directly (no scikit-learn import) gives exactly scikit-learn's `load_digits`."""
+  from sklearn.datasets import load_digits
+  images, labels = data._digits_arrays()
+  ref = load_digits()
+  np.testing.assert_array_equal(images, ref.images)
+  np.testing.assert_array_equal(labels, ref.target)
+  assert labels.dtype == np.int32 and images.shape == (1797, 8, 8)
