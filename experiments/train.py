@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,25 +90,45 @@ def init_state(s: Setup) -> dict:
                                                                           s.rparams)}
 
 
-def evaluate(s: Setup, state: dict, mesh) -> dict[str, float]:
-  """Loss and accuracy over the whole test split, with the merged (plain) parameters."""
-  params = reparam.merge(s.rules, state["rparams"])
-  totals = np.zeros(3)
-  bs = s.config.data.eval_batch_size
-  step = int(state["step"])
-  for batch in s.dataset.eval_batches(bs, step=step):
+def evaluate(s: Setup, state: dict, mesh, seeds: Optional["SeedEval"] = None) -> dict[str, float] | list[dict]:
+  """Loss and accuracy over the whole test split, with the merged (plain) parameters.
+
+  With `seeds`, `state` holds the seeds stacked on a leading axis and one vmapped program evaluates them all
+  (a list of results, one per seed): the test split is the same for every seed."""
+  merge, eval_step = (seeds.merge, seeds.eval_step) if seeds else (lambda rp: reparam.merge(s.rules, rp),
+                                                                   s.eval_step)
+  params = merge(state["rparams"])
+  step = int(np.ravel(state["step"])[0])
+  totals = np.zeros((seeds.n if seeds else 1, 3))
+  for batch in s.dataset.eval_batches(s.config.data.eval_batch_size, step=step):
     n = len(batch["y"])
     pad = (-n) % (jax.device_count() * jax.process_count())   # every device gets an equal share
     batch = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) for k, v in batch.items()}
     batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    loss, acc, w = s.eval_step(params, state["collections"], _put_batch(batch, mesh))
-    totals += np.array([float(loss) * float(w), float(acc) * float(w), float(w)])
-  out = {"eval_loss": totals[0] / totals[2], "eval_accuracy": totals[1] / totals[2]}
-  if "steps_per_task" in s.dataset.info:          # a task sequence: which task this evaluation is of
-    out["task"] = max(step - 1, 0) // s.dataset.info["steps_per_task"]
-  if s.dataset.entropy_floor is not None:
-    out["eval_loss_above_floor"] = out["eval_loss"] - s.dataset.entropy_floor
-  return out
+    loss, acc, w = (np.ravel(np.asarray(a, np.float64))
+                    for a in jax.device_get(eval_step(params, state["collections"], _put_batch(batch, mesh))))
+    totals += np.stack([loss * w, acc * w, w], axis=1)
+  outs = []
+  for loss_sum, acc_sum, weight in totals:
+    out = {"eval_loss": float(loss_sum / weight), "eval_accuracy": float(acc_sum / weight)}
+    if "steps_per_task" in s.dataset.info:          # a task sequence: which task this evaluation is of
+      out["task"] = max(step - 1, 0) // s.dataset.info["steps_per_task"]
+    if s.dataset.entropy_floor is not None:
+      out["eval_loss_above_floor"] = out["eval_loss"] - s.dataset.entropy_floor
+    outs.append(out)
+  return outs if seeds else outs[0]
+
+
+class SeedEval(NamedTuple):
+  """`evaluate`'s programs for n stacked seeds: merge and the eval step, vmapped over the seed axis."""
+  n: int
+  merge: Callable
+  eval_step: Callable
+
+
+def seed_eval(s: Setup, n: int) -> SeedEval:
+  return SeedEval(n, jax.jit(jax.vmap(lambda rp: reparam.merge(s.rules, rp))),
+                  jax.jit(jax.vmap(s.eval_step, in_axes=(0, 0, None))))
 
 
 def _check_finite(state: dict, workdir: str, last_ckpt: int) -> None:
@@ -191,12 +211,13 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   stacked = n > 1
   mesh = _mesh()
   states, start = _restore(runs)
-  state = jax.device_put(_stack(states) if stacked else states[0], NamedSharding(mesh, P()))
+  state = jax.device_put(jax.jit(_stack)(states) if stacked else states[0], NamedSharding(mesh, P()))
   for run in runs:
     for name in ("metrics.jsonl", "diagnostics.jsonl"):
       results.truncate_jsonl(os.path.join(run.workdir, name), start)
 
   step_fn = jax.jit(jax.vmap(make_train_step(s)) if stacked else make_train_step(s), donate_argnums=0)
+  seed_evaluator = seed_eval(s, n) if stacked else None
   diag_fn = jax.jit(functools.partial(diagnostics.layer_stats, s.rules))
   base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]   # W₀ for the magnitude/direction analysis
   # Every seed's slice of a stacked tree in one dispatch (a slice per leaf and seed would be ~n·leaves of them).
@@ -221,8 +242,13 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
       bar.update(1)
       continue
     states_i, prevs_i = unstack(state), unstack(prev) if diag_due else None
+    # Host reads once for all seeds (each device_get is a sync): the small counters, the evaluation (one
+    # vmapped program), and for a checkpoint the whole state, sliced per seed on the host.
+    small = jax.device_get({k: state[k] for k in ("step", "sums", "bad_step")})
+    evals = evaluate(s, state, mesh, seed_evaluator) if eval_due and stacked else None
+    host = jax.device_get(state) if ckpt_due and stacked else None
     for i, run in enumerate(runs):
-      st = states_i[i]
+      st = {**states_i[i], **(jax.tree.map(lambda x: x[i], small) if stacked else small)}
       if diag_due:
         stats = jax.device_get(diag_fn(prevs_i[i], st["rparams"], base[i]))
         results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats}])
@@ -236,12 +262,13 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
       if log_due:
         rows[i] = {**_log_row(st), "steps_per_sec": (step - start) / max(time.time() - t0, 1e-9)}
       if eval_due:
-        rows[i] = {**(rows[i] if rows[i].get("step") == step else {"step": step}), **evaluate(s, st, mesh)}
+        rows[i] = {**(rows[i] if rows[i].get("step") == step else {"step": step}),
+                   **(evals[i] if stacked else evaluate(s, st, mesh))}
       if log_due or eval_due:
         results.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), [rows[i]])
         _write_tb(run.writer, rows[i])
       if ckpt_due:
-        checkpoint.save(run.mgr, step, jax.device_get(st) if stacked else st)
+        checkpoint.save(run.mgr, step, jax.tree.map(lambda x: x[i], host) if stacked else states_i[i])
         _fault("save", step)            # the save is still being written in the background here
         run.last_ckpt = step
     if log_due or eval_due:
