@@ -268,7 +268,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
         results.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), [rows[i]])
         _write_tb(run.writer, rows[i])
       if ckpt_due:
-        checkpoint.save(run.mgr, step, jax.tree.map(lambda x: x[i], host) if stacked else states_i[i])
+        checkpoint.save(run.mgr, step, jax.tree.map(lambda x: np.asarray(x[i]), host) if stacked else states_i[i])
         _fault("save", step)            # the save is still being written in the background here
         run.last_ckpt = step
     if log_due or eval_due:
