@@ -131,11 +131,13 @@ def seed_eval(s: Setup, n: int) -> SeedEval:
                   jax.jit(jax.vmap(s.eval_step, in_axes=(0, 0, None))))
 
 
-def _check_finite(state: dict, workdir: str, last_ckpt: int) -> None:
-  bad = int(state["bad_step"])
+def _check_finite(counters: dict, workdir: str, last_ckpt: int) -> None:
+  """Raises NonFiniteError if a step was non-finite; `counters` are the state's host copies (`bad_step`,
+  `bad_leaves`)."""
+  bad = int(counters["bad_step"])
   if bad < 0:
     return
-  leaves = [p for p, b in reparam.flatten(jax.device_get(state["bad_leaves"])).items() if b]
+  leaves = [p for p, b in reparam.flatten(counters["bad_leaves"]).items() if b]
   where = f"checkpoint of step {last_ckpt} in {workdir}/checkpoints" if last_ckpt else "no checkpoint yet"
   raise NonFiniteError(
       f"non-finite loss or gradient at step {bad}; non-finite gradients in: {', '.join(leaves[:6]) or 'none'}"
@@ -143,10 +145,10 @@ def _check_finite(state: dict, workdir: str, last_ckpt: int) -> None:
       f"--config.train.skip_nonfinite=True to skip such steps")
 
 
-def _log_row(state: dict) -> dict[str, float]:
-  sums = {k: float(v) for k, v in jax.device_get(state["sums"]).items()}
+def _log_row(counters: dict) -> dict[str, float]:
+  sums = {k: float(v) for k, v in counters["sums"].items()}
   n = sums["count"] or float("nan")      # every step of the interval skipped: no loss, not a loss of 0
-  return {"step": int(state["step"]), "train_loss": sums["loss"] / n, "train_accuracy": sums["accuracy"] / n,
+  return {"step": int(counters["step"]), "train_loss": sums["loss"] / n, "train_accuracy": sums["accuracy"] / n,
           "skipped_steps": sums["skipped"]}
 
 
@@ -241,34 +243,35 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     if not (diag_due or log_due or eval_due or ckpt_due):
       bar.update(1)
       continue
-    states_i, prevs_i = unstack(state), unstack(prev) if diag_due else None
-    # Host reads once for all seeds (each device_get is a sync): the small counters, the evaluation (one
-    # vmapped program), and for a checkpoint the whole state, sliced per seed on the host.
-    small = jax.device_get({k: state[k] for k in ("step", "sums", "bad_step")})
+    # Host reads once for all seeds (each device_get is a sync): the counters and finiteness flags, the
+    # evaluation (one vmapped program), and for a checkpoint the whole state, sliced per seed on the host. Only
+    # the diagnostics need per-seed device arrays, and only of the parameters.
+    small = jax.device_get({k: state[k] for k in ("step", "sums", "bad_step", "bad_leaves")})
     evals = evaluate(s, state, mesh, seed_evaluator) if eval_due and stacked else None
     host = jax.device_get(state) if ckpt_due and stacked else None
+    rparams_i, prevs_i = (unstack(state["rparams"]), unstack(prev)) if diag_due else (None, None)
     for i, run in enumerate(runs):
-      st = {**states_i[i], **(jax.tree.map(lambda x: x[i], small) if stacked else small)}
+      counters = jax.tree.map(lambda x: x[i], small) if stacked else small
       if diag_due:
-        stats = jax.device_get(diag_fn(prevs_i[i], st["rparams"], base[i]))
+        stats = jax.device_get(diag_fn(prevs_i[i], rparams_i[i], base[i]))
         results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats}])
       if (log_due or eval_due or ckpt_due) and not tcfg.skip_nonfinite:   # skipping: the step was undone
         try:
-          _check_finite(st, run.workdir, run.last_ckpt)
+          _check_finite(counters, run.workdir, run.last_ckpt)
         except NonFiniteError:
           for r in runs:      # commit the checkpoint the message names before the process exits
             r.mgr.wait_until_finished()
           raise
       if log_due:
-        rows[i] = {**_log_row(st), "steps_per_sec": (step - start) / max(time.time() - t0, 1e-9)}
+        rows[i] = {**_log_row(counters), "steps_per_sec": (step - start) / max(time.time() - t0, 1e-9)}
       if eval_due:
         rows[i] = {**(rows[i] if rows[i].get("step") == step else {"step": step}),
-                   **(evals[i] if stacked else evaluate(s, st, mesh))}
+                   **(evals[i] if stacked else evaluate(s, state, mesh))}
       if log_due or eval_due:
         results.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), [rows[i]])
         _write_tb(run.writer, rows[i])
       if ckpt_due:
-        checkpoint.save(run.mgr, step, jax.tree.map(lambda x: np.asarray(x[i]), host) if stacked else states_i[i])
+        checkpoint.save(run.mgr, step, jax.tree.map(lambda x: np.asarray(x[i]), host) if stacked else state)
         _fault("save", step)            # the save is still being written in the background here
         run.last_ckpt = step
     if log_due or eval_due:
