@@ -23,6 +23,10 @@ evaluation and checkpoints included, with a fresh persistent compilation cache a
 and peft are installed (`pip install -e ".[peft]"`), peft's DoRA/LoRA step ratio on the same shapes is printed
 beside ours (benchmarks/peft_dora.py).
 
+A control row, "plain, again", is the plain step compiled a second time and timed like any variant: its ratio
+to plain (ideally 1) shows how far apart two identical programs measure in this run, the resolution of every
+other ratio in the table.
+
 This prints and writes numbers; it asserts nothing. Targets (issue 6) are shown beside the ratios.
 """
 from __future__ import annotations
@@ -79,6 +83,7 @@ def variants(rank: int) -> list[Variant]:
   mult = reparam.multipliers(scalar=True, row=True, col=True)
   return [
       Variant("plain"),
+      Variant("plain, again"),      # the same program built twice: its ratio is how far apart equal steps measure
       Variant("multipliers", mult, target=1.03),
       Variant("multipliers, materialized", mult, fast=False),
       Variant("weight_norm", reparam.weight_norm(), ref="flax.linen.WeightNorm", target=1.07),
@@ -189,9 +194,9 @@ def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
 
 def regime(d_model: int, batch: int, seq: int, args) -> dict:
   vs = variants(args.rank)
-  if args.only:       # the chosen variants, with plain and their references
+  if args.only:       # the chosen variants, with plain, the control and their references
     keep = {v.name for v in vs if re.search(args.only, v.name)}
-    keep |= {"plain"} | {v.ref for v in vs if v.name in keep and v.ref}
+    keep |= {"plain", "plain, again"} | {v.ref for v in vs if v.name in keep and v.ref}
     vs = [v for v in vs if v.name in keep]
   key = jax.random.key(0)
   t0 = time.perf_counter()

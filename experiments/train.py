@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 import reparam
+from reparam.optim.build import SMALL
 from experiments import checkpoint, data, diagnostics, models, results
 from experiments.setup import Setup, build, format_matches, loss_and_accuracy
 
@@ -49,6 +50,28 @@ def _put_batch(batch: dict, mesh) -> dict:
           for k, v in batch.items()}
 
 
+def nonfinite_leaves(leaves: list[jax.Array]) -> jax.Array:
+  """One flag per leaf (in order): whether it holds a non-finite element.
+
+  Small leaves (multipliers, gains, norms: dozens of them under a transform) are concatenated and checked by one
+  reduction, and only when that finds something are they checked one by one (to name them): at small batches a
+  reduction per leaf costs more in kernel launches than in arithmetic. (Under vmap the `cond` is a select: both
+  branches run every step.) `SMALL` is the optimizer's bound for flattening a group (`reparam.optim.build`)."""
+  small = [i for i, g in enumerate(leaves) if g.size <= SMALL]
+  big = [i for i, g in enumerate(leaves) if g.size > SMALL]
+  parts = [jnp.stack([~jnp.all(jnp.isfinite(leaves[i])) for i in big])] if big else []
+  if small:
+    flat = jnp.concatenate([leaves[i].ravel().astype(jnp.float32) for i in small])
+    ends = np.cumsum([leaves[i].size for i in small])
+    starts = ends - [leaves[i].size for i in small]
+    one_by_one = lambda f: jnp.stack([~jnp.all(jnp.isfinite(f[a:b])) for a, b in zip(starts, ends)])
+    parts.append(jax.lax.cond(jnp.all(jnp.isfinite(flat)), lambda f: jnp.zeros(len(small), bool), one_by_one, flat))
+  if not parts:
+    return jnp.zeros(0, bool)
+  order = np.argsort(big + small)            # back to the leaves' order
+  return jnp.concatenate(parts)[order]
+
+
 def make_train_step(s: Setup):
   """The pure step `state, batch -> state`; metrics accumulate in the state between logs."""
   log_every, skip = s.config.train.log_every, s.config.train.skip_nonfinite
@@ -65,8 +88,8 @@ def make_train_step(s: Setup):
     updates, opt_state = s.tx.update(grads, state["opt_state"], state["rparams"])
     new = {"rparams": optax.apply_updates(state["rparams"], updates), "opt_state": opt_state,
            "collections": cols}
-    leaf_ok = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
-    ok = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(leaf_ok)))
+    bad_leaves = nonfinite_leaves(jax.tree.leaves(grads))
+    ok = jnp.isfinite(loss) & ~jnp.any(bad_leaves)
     if skip:     # keep the previous parameters and optimizer state for a non-finite step
       new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {k: state[k] for k in new})
     first_bad = (state["bad_step"] < 0) & ~ok
@@ -76,8 +99,7 @@ def make_train_step(s: Setup):
             "count": sums["count"] + ok, "skipped": sums["skipped"] + ~ok}
     return {**state, **new, "step": state["step"] + 1, "sums": sums,
             "bad_step": jnp.where(first_bad, state["step"] + 1, state["bad_step"]),
-            "bad_leaves": jax.tree.map(lambda old, good: jnp.where(first_bad, ~good, old),
-                                       state["bad_leaves"], leaf_ok)}
+            "bad_leaves": jnp.where(first_bad, bad_leaves, state["bad_leaves"])}
 
   return step_fn
 
@@ -86,8 +108,7 @@ def init_state(s: Setup) -> dict:
   return {"step": jnp.zeros((), jnp.int32), "rparams": s.rparams, "opt_state": s.tx.init(s.rparams),
           "collections": s.collections, "rng": jax.random.key_data(jax.random.key(s.config.seed + 1)),
           "sums": {k: jnp.zeros((), jnp.float32) for k in ("loss", "accuracy", "count", "skipped")},
-          "bad_step": -jnp.ones((), jnp.int32), "bad_leaves": jax.tree.map(lambda _: jnp.zeros((), bool),
-                                                                          s.rparams)}
+          "bad_step": -jnp.ones((), jnp.int32), "bad_leaves": jnp.zeros(len(jax.tree.leaves(s.rparams)), bool)}
 
 
 def evaluate(s: Setup, state: dict, mesh, seeds: Optional["SeedEval"] = None) -> dict[str, float] | list[dict]:
@@ -131,13 +152,13 @@ def seed_eval(s: Setup, n: int) -> SeedEval:
                   jax.jit(jax.vmap(s.eval_step, in_axes=(0, 0, None))))
 
 
-def _check_finite(counters: dict, workdir: str, last_ckpt: int) -> None:
+def _check_finite(counters: dict, paths: list[str], workdir: str, last_ckpt: int) -> None:
   """Raises NonFiniteError if a step was non-finite; `counters` are the state's host copies (`bad_step`,
-  `bad_leaves`)."""
+  `bad_leaves`: one flag per leaf of rparams, whose paths are `paths`)."""
   bad = int(counters["bad_step"])
   if bad < 0:
     return
-  leaves = [p for p, b in reparam.flatten(counters["bad_leaves"]).items() if b]
+  leaves = [p for p, b in zip(paths, counters["bad_leaves"]) if b]
   where = f"checkpoint of step {last_ckpt} in {workdir}/checkpoints" if last_ckpt else "no checkpoint yet"
   raise NonFiniteError(
       f"non-finite loss or gradient at step {bad}; non-finite gradients in: {', '.join(leaves[:6]) or 'none'}"
@@ -222,6 +243,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   seed_evaluator = seed_eval(s, n) if stacked else None
   diag_fn = jax.jit(functools.partial(diagnostics.layer_stats, s.rules))
   base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]   # W₀ for the magnitude/direction analysis
+  leaf_paths = list(reparam.flatten(s.rparams))                    # what the state's `bad_leaves` flags are of
   # Every seed's slice of a stacked tree in one dispatch (a slice per leaf and seed would be ~n·leaves of them).
   unstack = jax.jit(lambda tree: tuple(jax.tree.map(lambda x: x[i], tree) for i in range(n))) if stacked else (
       lambda tree: (tree,))
@@ -257,7 +279,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
         results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats}])
       if (log_due or eval_due or ckpt_due) and not tcfg.skip_nonfinite:   # skipping: the step was undone
         try:
-          _check_finite(counters, run.workdir, run.last_ckpt)
+          _check_finite(counters, leaf_paths, run.workdir, run.last_ckpt)
         except NonFiniteError:
           for r in runs:      # commit the checkpoint the message names before the process exits
             r.mgr.wait_until_finished()

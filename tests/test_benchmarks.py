@@ -68,7 +68,7 @@ def test_train_step_script_runs_and_writes_its_json(tmp_path, monkeypatch):
   train_step.main()
   result = json.loads(out.read_text())
   rows = {r["variant"]: r for r in result["regimes"][0]["rows"]}
-  assert set(rows) == {"plain", "lora r8", "dora r8"}     # the chosen one and its references
+  assert set(rows) == {"plain", "plain, again", "lora r8", "dora r8"}     # the chosen one, its references, the control
   assert rows["plain"]["x_plain"] == 1.0
   dora = rows["dora r8"]
   assert dora["ref"] == "lora r8" and math.isfinite(dora["x_ref"]) and dora["x_ref"] > 0

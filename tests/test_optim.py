@@ -393,3 +393,31 @@ def test_jitted_train_step_compiles_once_and_can_donate_its_state(lm):
   rp1, state, l1 = train_step(rp, state, TOKENS)
   rp2, state, l2 = train_step(rp1, state, TOKENS)
   assert len(traces) == 1 and np.isfinite(l1) and np.isfinite(l2)
+
+
+@pytest.mark.parametrize("small", [0, 2 ** 16])
+def test_small_leaf_groups_are_updated_as_one_vector_with_the_same_numbers(lm, monkeypatch, small):
+  """AdamW labels of small leaves of one dtype run under optax.flatten (one state vector per moment), others
+  per leaf; the parameters after 3 steps equal optax.adamw on each leaf alone either way, and a label with
+  mixed dtypes is not flattened."""
+  _, rp = lm
+  rp = jax.tree_util.tree_map_with_path(      # one bias in bf16: the bias label mixes dtypes
+      lambda p, x: x.astype(jnp.bfloat16) if reparam.core.path_str(p) == "block_0/up/bias" else x, rp)
+  monkeypatch.setattr(optim.build, "SMALL", small)
+  grads = random_grads(rp, 3)
+  cfg = dict(name="adamw", learning_rate=3e-3, weight_decay=0.1)
+  history, state = run(optim.make(cfg, RULES, rp), rp, grads)
+  table = optim.routing(cfg, RULES, rp)
+  sizes = {}
+  for r in table.values():
+    sizes.setdefault(r.label, []).append(math.prod(r.shape))
+  vectors = {x.size for x in jax.tree.leaves(state) if x.ndim == 1}
+  for label in ("multiplier", "norm", "lowrank", "gain"):
+    flat = sum(sizes[label]) in vectors and len(sizes[label]) > 1
+    assert flat == (small > 0), label
+  assert not any(sum(sizes["bias"]) == v for v in vectors)        # mixed dtypes: per leaf
+  for path, r in table.items():
+    if r.optimizer == "adamw":
+      ref = run_leaf(optax.adamw(3e-3, weight_decay=r.weight_decay), leaf(rp, path), [leaf(g, path) for g in grads])
+      np.testing.assert_allclose(np.asarray(leaf(history[-1], path), np.float32), np.asarray(ref, np.float32),
+                                 rtol=1e-5, atol=1e-7, err_msg=path)

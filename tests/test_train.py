@@ -150,3 +150,32 @@ def test_compiled_programs_are_cached_per_host_outside_the_workdir(tmp_path):
   assert not os.path.exists(tmp_path / "xdg2")
   run_cli([*args, "--workdir", str(tmp_path / "c")], env={**env, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")})
   assert os.listdir(tmp_path / "mine") and not os.path.exists(tmp_path / "xdg2")
+
+
+def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
+  """The step's per-leaf finiteness flags (small leaves checked as one concatenation first) against numpy on
+  each leaf alone: big and small leaves, bf16, NaN and inf, all finite, and vmapped over seeds."""
+  import jax
+  import jax.numpy as jnp
+  rng = np.random.default_rng(0)
+  shapes = [(train.SMALL + 1,), (3, 4), (), (train.SMALL,), (7,), (2, train.SMALL)]
+  base = [rng.normal(size=s).astype(np.float32) for s in shapes]
+  flags = jax.jit(lambda leaves: train.nonfinite_leaves(leaves))
+
+  def check(leaves):
+    want = [not np.isfinite(np.asarray(x, np.float32)).all() for x in leaves]
+    assert flags(leaves).tolist() == want
+    return want
+
+  assert check([jnp.asarray(x) for x in base]) == [False] * len(shapes)
+  for bad in ([1, 4], [0], [2, 5], [3]):
+    leaves = [x.copy() for x in base]
+    for i in bad:
+      leaves[i].reshape(-1)[rng.integers(leaves[i].size)] = np.nan if i % 2 else np.inf
+    leaves[1] = jnp.asarray(leaves[1], jnp.bfloat16)     # a bf16 leaf keeps its NaN or inf
+    assert [i for i, b in enumerate(check(leaves)) if b] == bad
+  seeds = [[x.copy() for x in base] for _ in range(3)]
+  seeds[1][4][2] = np.nan
+  stacked = [np.stack(xs) for xs in zip(*seeds)]
+  got = jax.jit(jax.vmap(train.nonfinite_leaves))(stacked)
+  assert got.tolist() == [[False] * 6, [False] * 4 + [True, False], [False] * 6]
