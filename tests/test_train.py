@@ -160,7 +160,7 @@ def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
   rng = np.random.default_rng(0)
   shapes = [(train.SMALL + 1,), (3, 4), (), (train.SMALL,), (7,), (2, train.SMALL)]
   base = [rng.normal(size=s).astype(np.float32) for s in shapes]
-  flags = jax.jit(lambda leaves: train.nonfinite_leaves(leaves))
+  flags = jax.jit(train.nonfinite_leaves)
 
   def check(leaves):
     want = [not np.isfinite(np.asarray(x, np.float32)).all() for x in leaves]
