@@ -42,21 +42,20 @@ def _muon(cfg: dict, lr, weight_decay: float, dims: dict):
 SMALL = 2 ** 16      # elements: a leaf this small is cheaper to copy into a concatenation than to update alone
 
 
-def _flattens(route: Route, table: dict[str, Route], rparams) -> bool:
+def _flattens(route: Route, table: dict[str, Route], dtypes: dict) -> bool:
   """Whether an AdamW label's leaves are all small and of one dtype (concatenating mixed dtypes would promote)."""
-  leaves = leaves_by_path(rparams)
-  group = [leaves[path] for path, r in table.items() if r.label == route.label]
-  return all(math.prod(x.shape) <= SMALL for x in group) and len({x.dtype for x in group}) == 1
+  group = [r for r in table.values() if r.label == route.label]
+  return all(math.prod(r.shape) <= SMALL for r in group) and len({dtypes[r.path] for r in group}) == 1
 
 
-def _group(cfg: dict, route: Route, table: dict[str, Route], total_steps, rparams):
+def _group(cfg: dict, route: Route, table: dict[str, Route], total_steps, dtypes: dict):
   """The optax optimizer of one partition label (every leaf of a label shares optimizer, lr and decay)."""
   if route.optimizer == "frozen":
     return optax.set_to_zero()
   lr = schedule(cfg, route.lr, total_steps)
   if route.optimizer == "adamw":
     adamw = optax.adamw(lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=route.weight_decay)
-    return optax.flatten(adamw) if _flattens(route, table, rparams) else adamw
+    return optax.flatten(adamw) if _flattens(route, table, dtypes) else adamw
   dims = {path: r.muon_dims for path, r in table.items() if r.label == route.label}
   return _muon(cfg, lr, route.weight_decay, dims)
 
@@ -77,10 +76,11 @@ def make(config, rules, rparams, total_steps: int | None = None,
   cfg = check(config, where)
   check_schedule(cfg, total_steps, where)
   table = routes(cfg, rules, rparams, where)
+  dtypes = {path: x.dtype for path, x in leaves_by_path(rparams).items()}
   groups = {}
   for route in table.values():
     if route.label not in groups:
-      groups[route.label] = _group(cfg, route, table, total_steps, rparams)
+      groups[route.label] = _group(cfg, route, table, total_steps, dtypes)
   parts = []
   if cfg["grad_clip_norm"]:
     # The global norm is over the trained leaves only: a frozen leaf's gradient (nonzero when it is frozen by a
