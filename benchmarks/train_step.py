@@ -324,8 +324,12 @@ def main():
   ap.add_argument("--peft", action="store_true", help="also time peft's LoRA and DoRA (needs torch and peft)")
   ap.add_argument("--json", default=None, help="write every number (and the raw timings) here")
   args = ap.parse_args()
-  regimes = ([] if args.regime == ["none"] else [tuple(int(x) for x in r.split(",")) for r in args.regime]
-             if args.regime else REGIMES)
+  if args.regime == ["none"]:
+    regimes = []
+  elif args.regime:
+    regimes = [tuple(int(x) for x in r.split(",")) for r in args.regime]
+  else:
+    regimes = REGIMES
 
   dev = jax.devices()[0]
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,

@@ -62,8 +62,9 @@ def nonfinite_leaves(leaves: list[jax.Array]) -> jax.Array:
   parts = [jnp.stack([~jnp.all(jnp.isfinite(leaves[i])) for i in big])] if big else []
   if small:
     flat = jnp.concatenate([leaves[i].ravel().astype(jnp.float32) for i in small])
-    ends = np.cumsum([leaves[i].size for i in small])
-    starts = ends - [leaves[i].size for i in small]
+    sizes = [leaves[i].size for i in small]
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
     one_by_one = lambda f: jnp.stack([~jnp.all(jnp.isfinite(f[a:b])) for a, b in zip(starts, ends)])
     parts.append(jax.lax.cond(jnp.all(jnp.isfinite(flat)), lambda f: jnp.zeros(len(small), bool), one_by_one, flat))
   if not parts:
