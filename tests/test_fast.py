@@ -151,6 +151,37 @@ def test_rules_with_none_and_untouched_layers():
   compare(rules, model, rp, x)
 
 
+@pytest.mark.parametrize("y_shape, v_shape", [((5,), (5,)), ((3, 5), (5,)), ((2, 3, 5), (5,)),
+                                              ((2, 3, 4, 5), (4, 5)), ((2, 3), ())])
+def test_scale_trailing_is_broadcasting(y_shape, v_shape):
+  """The 2-D view changes how XLA runs it, not the numbers: value and both gradients against numpy float64."""
+  rng = np.random.default_rng(0)
+  y, v, dz = (rng.standard_normal(s).astype(np.float32) for s in (y_shape, v_shape, y_shape))
+  out, vjp = jax.vjp(fast.scale_trailing, jnp.asarray(y), jnp.asarray(v))
+  dy, dv = vjp(jnp.asarray(dz))
+  y64, v64, dz64 = (a.astype(np.float64) for a in (y, v, dz))
+  np.testing.assert_allclose(out, y64 * v64, rtol=1e-6)
+  np.testing.assert_allclose(dy, dz64 * v64, rtol=1e-6)
+  rows = tuple(range(len(y_shape) - len(v_shape)))
+  np.testing.assert_allclose(dv, np.sum(dz64 * y64, axis=rows), rtol=1e-5, atol=1e-5)
+
+
+class MiddleAxis(nn.Module):
+  @nn.compact
+  def __call__(self, x):                                           # x: (B, 4, 3): contracts the 4, not trailing
+    return nn.DenseGeneral(6, axis=1)(x)
+
+
+@pytest.mark.parametrize("name", ["mult_src", "weight_norm", "dora", "mult+dora"])
+def test_dense_general_contracting_a_middle_axis(name):
+  rules = [(r".*kernel", TRANSFORMS[name]())]
+  model, x = MiddleAxis(), jax.random.normal(key(0), (2, 4, 3))
+  rp = reparam.init(rules, model.init(key(1), x)["params"], key(2))
+  rp = jax.tree.map(lambda v: v + 0.3 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), rp)
+  assert fast.explain(rules, model, rp, x) == {"DenseGeneral_0/kernel": "fast"}
+  compare(rules, model, rp, x)
+
+
 class Odd(nn.Module):
   """Kernels the fast path must leave to materialization."""
 

@@ -60,7 +60,7 @@ def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
       x = layer.scale_in(x, col)
     y = layer.base(x)
     if row is not None:
-      y = y * row                          # output units are y's trailing axes
+      y = layer.scale_out(y, row)
     return y if s is None else y * s
 
   return Reparam(init, apply, roles={k: "multiplier" for k in chosen}, name="multipliers", linear=linear)

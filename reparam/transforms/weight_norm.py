@@ -35,7 +35,7 @@ def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> R
     """Activation space: `y = (x V) ⊙ g/‖V‖₀`; reading V for its norm is the one O(in·out) cost left."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
-    return layer.base(x) * (factors["g"].astype(jnp.float32) / norm(w, layout, eps))
+    return layer.scale_out(layer.base(x), factors["g"].astype(jnp.float32) / norm(w, layout, eps))
 
   return Reparam(init, apply, roles={"g": "gain"}, name="weight_norm", linear=linear)
 
