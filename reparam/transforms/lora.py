@@ -52,14 +52,12 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   """
   xa = layer.matmul(x, factors["A"])
   y0 = layer.matmul(x, jax.lax.stop_gradient(w))
-  rank, units = factors["B"].shape[0], factors["B"][0].size
-  b = scale * factors["B"].astype(jnp.float32).reshape(rank, units)
-  y0 = y0.reshape(-1, units)                                       # (rows, units)
+  b = scale * factors["B"].astype(jnp.float32)
   if out_scale is not None:
-    out_scale = out_scale.reshape(units)
-    b, y0 = b * out_scale, y0 * out_scale
-  y = y0 + jnp.dot(xa.reshape(y0.shape[0], rank), b.astype(xa.dtype))
-  return y.reshape(*xa.shape[:-1], *factors["B"].shape[1:])
+    b, y0 = b * out_scale, layer.scale_out(y0, out_scale)
+  rank, units = b.shape[0], b[0].size
+  xab = jnp.dot(xa.reshape(-1, rank), b.reshape(rank, units).astype(xa.dtype))      # (rows, rank)·(rank, units)
+  return y0 + xab.reshape(y0.shape)
 
 
 def lora(rank: int, alpha: Optional[float] = None, in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
