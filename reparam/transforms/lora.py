@@ -55,7 +55,7 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   b = scale * factors["B"].astype(jnp.float32)
   if out_scale is not None:
     b, y0 = b * out_scale, layer.scale_out(y0, out_scale)
-  rank, units = b.shape[0], b[0].size
+  rank, units = b.shape[0], b.size // b.shape[0]
   xab = jnp.dot(xa.reshape(-1, rank), b.reshape(rank, units).astype(xa.dtype))      # (rows, rank)·(rank, units)
   return y0 + xab.reshape(y0.shape)
 
