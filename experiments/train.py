@@ -117,9 +117,10 @@ def evaluate(s: Setup, state: dict, mesh, seeds: Optional["SeedEval"] = None) ->
 
   With `seeds`, `state` holds the seeds stacked on a leading axis and one vmapped program evaluates them all
   (a list of results, one per seed): the test split is the same for every seed."""
-  merge, eval_step = (seeds.merge, seeds.eval_step) if seeds else (lambda rp: reparam.merge(s.rules, rp),
-                                                                   s.eval_step)
-  params = merge(state["rparams"])
+  # For seeds, the merge is inside the vmapped program (one compilation instead of two; it is O(params) per
+  # batch against the batch's O(batch·params) forward).
+  params = state["rparams"] if seeds else reparam.merge(s.rules, state["rparams"])
+  eval_step = seeds.eval_step if seeds else s.eval_step
   step = int(np.ravel(state["step"])[0])
   totals = np.zeros((seeds.n if seeds else 1, 3))
   for batch in s.dataset.eval_batches(s.config.data.eval_batch_size, step=step):
@@ -142,15 +143,15 @@ def evaluate(s: Setup, state: dict, mesh, seeds: Optional["SeedEval"] = None) ->
 
 
 class SeedEval(NamedTuple):
-  """`evaluate`'s programs for n stacked seeds: merge and the eval step, vmapped over the seed axis."""
+  """`evaluate`'s program for n stacked seeds: `rparams, collections, batch -> (loss, accuracy, weight)` with
+  the merge inside, vmapped over the seed axis (the batch is the same for every seed)."""
   n: int
-  merge: Callable
   eval_step: Callable
 
 
 def seed_eval(s: Setup, n: int) -> SeedEval:
-  return SeedEval(n, jax.jit(jax.vmap(lambda rp: reparam.merge(s.rules, rp))),
-                  jax.jit(jax.vmap(s.eval_step, in_axes=(0, 0, None))))
+  merged = lambda rp, collections, batch: s.eval_step(reparam.merge(s.rules, rp), collections, batch)
+  return SeedEval(n, jax.jit(jax.vmap(merged, in_axes=(0, 0, None))))
 
 
 def _check_finite(counters: dict, paths: list[str], workdir: str, last_ckpt: int) -> None:
@@ -235,19 +236,19 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   stacked = n > 1
   mesh = _mesh()
   states, start = _restore(runs)
-  state = jax.device_put(jax.jit(_stack)(states) if stacked else states[0], NamedSharding(mesh, P()))
+  state = jax.device_put(_stack(states) if stacked else states[0], NamedSharding(mesh, P()))
   for run in runs:
     for name in ("metrics.jsonl", "diagnostics.jsonl"):
       results.truncate_jsonl(os.path.join(run.workdir, name), start)
 
   step_fn = jax.jit(jax.vmap(make_train_step(s)) if stacked else make_train_step(s), donate_argnums=0)
   seed_evaluator = seed_eval(s, n) if stacked else None
-  diag_fn = jax.jit(functools.partial(diagnostics.layer_stats, s.rules))
-  base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]   # W₀ for the magnitude/direction analysis
+  # All seeds' diagnostics in one vmapped program; W₀ for the magnitude/direction analysis, stacked like them.
+  stats_fn = functools.partial(diagnostics.layer_stats, s.rules)
+  diag_fn = jax.jit(jax.vmap(stats_fn) if stacked else stats_fn)
+  base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]
+  base = _stack(base) if stacked else base[0]
   leaf_paths = list(reparam.flatten(s.rparams))                    # what the state's `bad_leaves` flags are of
-  # Every seed's slice of a stacked tree in one dispatch (a slice per leaf and seed would be ~n·leaves of them).
-  unstack = jax.jit(lambda tree: tuple(jax.tree.map(lambda x: x[i], tree) for i in range(n))) if stacked else (
-      lambda tree: (tree,))
   t0, rows = time.time(), [{} for _ in runs]
   if start == tcfg.steps:    # stopped after the last checkpoint, before result.json: its final row is logged
     for i, run in enumerate(runs):
@@ -272,12 +273,12 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     small = jax.device_get({k: state[k] for k in ("step", "sums", "bad_step", "bad_leaves")})
     evals = evaluate(s, state, mesh, seed_evaluator) if eval_due and stacked else None
     host = jax.device_get(state) if ckpt_due and stacked else None
-    rparams_i, prevs_i = (unstack(state["rparams"]), unstack(prev)) if diag_due else (None, None)
+    stats = jax.device_get(diag_fn(prev, state["rparams"], base)) if diag_due else None
     for i, run in enumerate(runs):
       counters = jax.tree.map(lambda x: x[i], small) if stacked else small
       if diag_due:
-        stats = jax.device_get(diag_fn(prevs_i[i], rparams_i[i], base[i]))
-        results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats}])
+        stats_i = jax.tree.map(lambda x: x[i], stats) if stacked else stats
+        results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats_i}])
       if (log_due or eval_due or ckpt_due) and not tcfg.skip_nonfinite:   # skipping: the step was undone
         try:
           _check_finite(counters, leaf_paths, run.workdir, run.last_ckpt)
@@ -294,15 +295,21 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
         results.append_jsonl(os.path.join(run.workdir, "metrics.jsonl"), [rows[i]])
         _write_tb(run.writer, rows[i])
       if ckpt_due:
-        checkpoint.save(run.mgr, step, jax.tree.map(lambda x: np.asarray(x[i]), host) if stacked else state)
-        _fault("save", step)            # the save is still being written in the background here
+        # A group resumed behind one seed's newest checkpoint (killed while another seed's save of that step was
+        # still being written) meets that step again: it is kept, not rewritten (it holds this very state, and
+        # orbax refuses to overwrite a step).
+        if step not in run.mgr.all_steps():
+          checkpoint.save(run.mgr, step, jax.tree.map(lambda x: np.asarray(x[i]), host) if stacked else state)
+          _fault("save", step)            # the save is still being written in the background here
         run.last_ckpt = step
     if log_due or eval_due:
       bar.set_postfix({k: f"{v:.4g}" for k, v in rows[0].items() if k in ("train_loss", "eval_accuracy")})
     bar.update(1)
   bar.close()
   finals = []
-  for run, st, row in zip(runs, unstack(state), rows):
+  host = jax.device_get(state)     # each seed's slice on the host: its final parameters and step
+  for i, (run, row) in enumerate(zip(runs, rows)):
+    st = jax.tree.map(lambda x: x[i], host) if stacked else host
     run.mgr.wait_until_finished()
     row = row or evaluate(s, st, mesh)
     finals.append(_finish(run, st, {k: v for k, v in row.items() if k != "steps_per_sec"}))
@@ -325,7 +332,8 @@ def _fault(point: str, step: int) -> None:
 
 
 def _stack(trees: list):
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  """The trees' leaves stacked on a new leading axis, on the host: no program to compile for a one-off copy."""
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
 def _batch(runs: list[Run], step: int, mesh, stacked: bool) -> dict:

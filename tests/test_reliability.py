@@ -228,6 +228,33 @@ def test_sweep_killed_in_three_different_trials_loses_and_repeats_nothing(tmp_pa
   assert "3 of 3 trials finished" in (workdir / "report" / "report.md").read_text()
 
 
+def test_seed_group_resumes_behind_one_seeds_newest_checkpoint(tmp_path):
+  """A vmapped group killed while its seeds' saves of step 10 were still being written: seed 0's checkpoint of
+  step 10 is complete, seed 1 has none. The rerun starts both from the step they share (0), keeps seed 0's
+  checkpoint of step 10 as it is when it gets there (orbax refuses to overwrite a step), and ends bit-identical
+  to an uninterrupted group."""
+  def config(seed):
+    c = quickstart.get_config("steps=20")
+    c.train.update(checkpoint_every=10, log_every=5, eval_every=10, diagnostics_every=10, progress=False,
+                   tensorboard=False)
+    c.seed = seed
+    return c
+
+  configs = [config(0), config(1)]
+  ref, got = [str(tmp_path / "ref" / str(i)) for i in (0, 1)], [str(tmp_path / "got" / str(i)) for i in (0, 1)]
+  train.train_seeds(configs, ref)
+  shutil.copytree(ref[0], got[0])           # seed 0 as the kill left it: up to its checkpoint of step 10
+  shutil.rmtree(os.path.join(got[0], "checkpoints", "20"))
+  for name in ("result.json", "params.msgpack"):
+    os.remove(os.path.join(got[0], name))
+  kept = snapshot(os.path.join(got[0], "checkpoints", "10"))
+  train.train_seeds(configs, got)
+  assert snapshot(os.path.join(got[0], "checkpoints", "10")) == kept
+  for r, g in zip(ref, got):
+    assert ckpt_steps(g) == [10, 20]
+    assert_same_run(r, g)
+
+
 # ------------------------------------------------------------------------------------------ damaged checkpoints
 
 def ref_config():

@@ -78,12 +78,32 @@ def test_vmapped_seeds_equal_sequential_seeds(tmp_path):
       for k in ("train_loss", "eval_loss", "eval_accuracy"):
         if k in ra:
           np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=f"{d} {k} step {ra['step']}")
+    # The vmapped group computes every seed's diagnostics in one program: each row must be its own seed's.
+    a = results.read_jsonl(str(seq / d / "diagnostics.jsonl"))
+    b = results.read_jsonl(str(vm / d / "diagnostics.jsonl"))
+    assert [sorted(r) for r in a] == [sorted(r) for r in b] and len(a) == 6, d
+    for ra, rb in zip(a, b):
+      for k in ra:
+        np.testing.assert_allclose(rb[k], ra[k], rtol=1e-3, atol=1e-6, err_msg=f"{d} {k} step {ra['step']}")
     with open(seq / d / "params.msgpack", "rb") as f1, open(vm / d / "params.msgpack", "rb") as f2:
       pa, pb = serialization.msgpack_restore(f1.read()), serialization.msgpack_restore(f2.read())
     fa, fb = reparam.flatten(pa), reparam.flatten(pb)
     assert list(fa) == list(fb)
     for path in fa:
       np.testing.assert_allclose(fb[path], fa[path], rtol=1e-4, atol=1e-5, err_msg=f"{d} {path}")
+
+  # Killed after step 20 of the first group (its last checkpoint: step 10) and rerun: the group restores its
+  # seeds' checkpoints, stacks them and ends bit for bit where the uninterrupted group did.
+  killed = tmp_path / "killed"
+  assert sweep(tmp_path, killed, "--vmap_seeds", "--report=false", env={"REPARAM_FAULT": "step:20"},
+               check=False).returncode == -signal.SIGKILL
+  sweep(tmp_path, killed, "--vmap_seeds", "--report=false")
+  for d in trial_dirs(vm):
+    for name in ("metrics.jsonl", "diagnostics.jsonl"):
+      drop = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rows]
+      assert drop(results.read_jsonl(str(killed / d / name))) == drop(results.read_jsonl(str(vm / d / name))), d
+    with open(vm / d / "params.msgpack", "rb") as f1, open(killed / d / "params.msgpack", "rb") as f2:
+      assert f1.read() == f2.read(), d
 
 
 def test_dry_run_lists_trials_and_shards(tmp_path):
