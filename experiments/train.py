@@ -247,7 +247,8 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   stats_fn = functools.partial(diagnostics.layer_stats, s.rules)
   diag_fn = jax.jit(jax.vmap(stats_fn) if stacked else stats_fn)
   base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]
-  base = _stack(base) if stacked else base[0]
+  base = jax.device_put(_stack(base), NamedSharding(mesh, P())) if stacked else base[0]   # sent once, not per call
+  seed_of = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if stacked else (lambda tree, i: tree)
   leaf_paths = list(reparam.flatten(s.rparams))                    # what the state's `bad_leaves` flags are of
   t0, rows = time.time(), [{} for _ in runs]
   if start == tcfg.steps:    # stopped after the last checkpoint, before result.json: its final row is logged
@@ -275,10 +276,9 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     host = jax.device_get(state) if ckpt_due and stacked else None
     stats = jax.device_get(diag_fn(prev, state["rparams"], base)) if diag_due else None
     for i, run in enumerate(runs):
-      counters = jax.tree.map(lambda x: x[i], small) if stacked else small
+      counters = seed_of(small, i)
       if diag_due:
-        stats_i = jax.tree.map(lambda x: x[i], stats) if stacked else stats
-        results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **stats_i}])
+        results.append_jsonl(os.path.join(run.workdir, "diagnostics.jsonl"), [{"step": step, **seed_of(stats, i)}])
       if (log_due or eval_due or ckpt_due) and not tcfg.skip_nonfinite:   # skipping: the step was undone
         try:
           _check_finite(counters, leaf_paths, run.workdir, run.last_ckpt)
@@ -309,7 +309,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   finals = []
   host = jax.device_get(state)     # each seed's slice on the host: its final parameters and step
   for i, (run, row) in enumerate(zip(runs, rows)):
-    st = jax.tree.map(lambda x: x[i], host) if stacked else host
+    st = seed_of(host, i)
     run.mgr.wait_until_finished()
     row = row or evaluate(s, st, mesh)
     finals.append(_finish(run, st, {k: v for k, v in row.items() if k != "steps_per_sec"}))
