@@ -48,10 +48,6 @@ class Layout(NamedTuple):
   def fan_out(self, shape) -> int:
     return math.prod(self.out_shape(shape))
 
-  def is_canonical(self) -> bool:
-    """True when the kernel is already ordered (window..., in..., out...), as every Flax layer stores it."""
-    return self.window + self.inputs + self.outputs == tuple(range(self.ndim))
-
 
 def _as_tuple(axes: Axes) -> tuple[int, ...]:
   return (axes,) if isinstance(axes, int) else tuple(axes)
