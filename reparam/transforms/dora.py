@@ -32,9 +32,9 @@ def lowrank_norm(factors: dict, w: jax.Array, layout: Layout, scale: float, eps:
   a, b, w32 = factors["A"].astype(jnp.float32), factors["B"].astype(jnp.float32), w.astype(jnp.float32)
   rank = a.shape[-1]
   # Aᵀ K₀, (r, out...), contracting A's (window..., in...) axes in place. Left to itself XLA's CPU backend runs
-  # this as a standalone dot; an earlier explicit transpose of A behind an optimization barrier made it fuse the
-  # dot with the sum below into one kernel that took ~1 ms for a 512 × 2048 K₀ (DoRA 1.14-1.18x LoRA at 128
-  # tokens against 1.09-1.10x without it, benchmarks/train_step.py; no change at 4096 tokens).
+  # this as a standalone dot; an explicit transpose of A behind an optimization barrier (the earlier form) made
+  # it fuse the dot with the sum below into one kernel of ~1 ms for a 512 × 2048 K₀: DoRA measured 1.15-1.19x
+  # LoRA at 128 tokens with it and 1.12-1.14x without, side by side (no change at 4096 tokens).
   ak = jnp.tensordot(a, w32, axes=(tuple(range(len(layout.reduce))), layout.reduce), precision=HIGHEST)
   a2 = a.reshape(-1, rank)
   bb = jnp.tensordot(jnp.dot(a2.T, a2, precision=HIGHEST), b, axes=1, precision=HIGHEST)   # (AᵀA) B
