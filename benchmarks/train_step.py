@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # the full table (~25 minutes on 2 CPU cores)
     python benchmarks/train_step.py --rounds 5 --seeds_steps 60     # a quicker, noisier look
     python benchmarks/train_step.py --json benchmarks/results/cpu.json
+    python benchmarks/train_step.py --report benchmarks/results/cpu_2core.json    # a saved run's tables again
 
 **Method.** Every variant is the jitted training step of `experiments/train.py` (`make_train_step`: the forward
 through `reparam.apply` or `materialize`, the backward, the optax update of `reparam.optim.make`, the finiteness
@@ -26,6 +27,12 @@ beside ours (benchmarks/peft_dora.py).
 A control row, "plain, again", is the plain step compiled a second time and timed like any variant: its ratio
 to plain (ideally 1) shows how far apart two identical programs measure in this run, the resolution of every
 other ratio in the table.
+
+Every variant's ratio also gets a 95% confidence interval for its median (from the per-round ratios,
+distribution-free: order statistics, see `median_interval`), of the ratio its target is on (× LoRA for DoRA,
+× plain for the rest). A target is "met" when the whole interval is within it, missed ("no") when the whole
+interval is above it, and "on the bound" when the run cannot tell; peak memory, which has no noise, is compared
+as is.
 
 This prints and writes numbers; it asserts nothing. Targets (issue 6) are shown beside the ratios.
 """
@@ -192,6 +199,40 @@ def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
   return float(np.median(np.array(times[name]) / np.array(times[ref])))
 
 
+def median_interval(samples, level: float = 0.95) -> Optional[tuple[float, float]]:
+  """A distribution-free confidence interval for the median of `samples` (assumed independent draws): the order
+  statistics k and n+1-k for the largest k whose coverage, 1 - 2·P(Binomial(n, ½) < k), is at least `level`
+  (n = 20: the 6th and 15th of the sorted samples, 95.9%). None when n is too small for `level` (n < 6 at 95%)."""
+  x, n = np.sort(np.asarray(samples, float)), len(samples)
+  k, below = 0, 0.0                   # below = P(Binomial(n, ½) <= j)
+  for j in range(n // 2):
+    below += math.comb(n, j) / 2 ** n
+    if 1 - 2 * below < level:
+      break
+    k = j + 1
+  return (float(x[k - 1]), float(x[n - k])) if k else None
+
+
+def judge(r: dict) -> None:
+  """Adds to every row of a regime the 95% interval of its ratio to its target's reference, else to plain
+  (`x_ci`, from the per-round ratios in `times_s`), and to a row with a target a verdict: "met" when the whole
+  interval is within the bound (and the memory, which is exact, too), "missed" when the whole interval is above
+  it (or the memory is), "on the bound" when the interval straddles it: the run cannot tell. With too few rounds
+  for an interval, the median decides."""
+  times = r["times_s"]
+  for row in r["rows"]:
+    ref = row.get("target_of") or "plain"
+    row["x_ci"] = median_interval(np.array(times[row["variant"]]) / np.array(times[ref]))
+    if not row.get("target"):
+      continue
+    x, mem = (row["x_plain"], row["memory_x_plain"]) if ref == "plain" else (row["x_ref"], row["memory_x_ref"])
+    ci = row["x_ci"] or (x, x)
+    if row.get("memory_target") and mem > row["memory_target"] or ci[0] > row["target"]:
+      row["verdict"] = "missed"
+    else:
+      row["verdict"] = "met" if ci[1] <= row["target"] else "on the bound"
+
+
 def regime(d_model: int, batch: int, seq: int, args) -> dict:
   vs = variants(args.rank)
   if args.only:       # the chosen variants, with plain, the control and their references
@@ -221,14 +262,17 @@ def regime(d_model: int, batch: int, seq: int, args) -> dict:
       row["target_of"] = v.target_of
       row["meets_target"] = bool(x <= v.target and (v.memory_target is None or mem <= v.memory_target))
     rows.append(row)
-  return {"d_model": d_model, "batch": batch, "seq": seq, "tokens": batch * seq, "rounds": args.rounds,
-          "calls": args.calls, "rows": rows, "times_s": times}
+  r = {"d_model": d_model, "batch": batch, "seq": seq, "tokens": batch * seq, "rounds": args.rounds,
+       "calls": args.calls, "rows": rows, "times_s": times}
+  judge(r)
+  return r
 
 
 def print_regime(r: dict) -> None:
   print(f"\n### d_model {r['d_model']}, {r['tokens']} tokens per step ({r['batch']} × {r['seq']})\n")
-  print("| variant | ms/step | × plain | × ref (ref) | peak MiB | mem × plain | mem × ref | GFLOP/s | target | met |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| variant | ms/step | × plain | × ref (ref) | 95% interval | peak MiB | mem × plain | mem × ref | GFLOP/s "
+        "| target | met |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for row in r["rows"]:
     ref = f"{row['x_ref']:.3f} ({row['ref']})" if row.get("ref") else ""
     mem_ref = f"{row['memory_x_ref']:.3f}" if row.get("ref") else ""
@@ -237,8 +281,10 @@ def print_regime(r: dict) -> None:
       target = f"≤ {row['target']} × {'plain' if row['target_of'] == 'plain' else 'ref'}"
       target += f", mem ≤ {row['memory_target']}" if row["memory_target"] else ""
     extra = f" (Newton–Schulz: {100 * row['newton_schulz_share']:.1f}% of FLOPs)" if "newton_schulz_share" in row else ""
-    met = {True: "yes", False: "**no**", None: ""}[row.get("meets_target")]
-    print(f"| {row['variant']}{extra} | {row['ms']:.2f} | {row['x_plain']:.3f} | {ref} | {row['peak_mib']:.1f} | "
+    met = {"met": "yes", "missed": "**no**", "on the bound": "on the bound", None: ""}[row.get("verdict")]
+    ci = row.get("x_ci")
+    ci = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci and row["variant"] != row.get("target_of", "plain") else ""
+    print(f"| {row['variant']}{extra} | {row['ms']:.2f} | {row['x_plain']:.3f} | {ref} | {ci} | {row['peak_mib']:.1f} | "
           f"{row['memory_x_plain']:.3f} | {mem_ref} | {row['gflop_per_s']:.1f} | {target} | {met} |")
 
 
@@ -311,6 +357,21 @@ def print_seeds(r: dict) -> None:
         f"{np.median(e['vmapped']):.1f} | {r['end_to_end_throughput_ratio']:.2f} | ≥ 2 |")
 
 
+def report(path: str) -> None:
+  """The tables of a run saved with --json, the intervals and verdicts recomputed from its raw timings."""
+  with open(path) as f:
+    out = json.load(f)
+  print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
+  for r in out["regimes"]:
+    judge(r)
+    print_regime(r)
+  if out.get("seeds"):
+    print_seeds(out["seeds"])
+  if out.get("peft"):
+    from benchmarks import peft_dora
+    peft_dora.print_table(out["peft"], {(r["d_model"], r["tokens"]): r for r in out["regimes"]}, out["args"]["rank"])
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--rounds", type=int, default=20, help="timed samples per variant")
@@ -323,7 +384,11 @@ def main():
   ap.add_argument("--seeds_steps", type=int, default=300, help="steps of each end-to-end quickstart run")
   ap.add_argument("--peft", action="store_true", help="also time peft's LoRA and DoRA (needs torch and peft)")
   ap.add_argument("--json", default=None, help="write every number (and the raw timings) here")
+  ap.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run again (no timing)")
   args = ap.parse_args()
+  if args.report:
+    report(args.report)
+    return
   if args.regime == ["none"]:
     regimes = []
   elif args.regime:

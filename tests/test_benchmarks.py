@@ -61,7 +61,7 @@ def test_our_weight_norm_equals_flax_weight_norm():
   assert not np.allclose(model.apply({"params": plain}, tokens), flax_logits, atol=1e-2)
 
 
-def test_train_step_script_runs_and_writes_its_json(tmp_path, monkeypatch):
+def test_train_step_script_runs_and_writes_its_json(tmp_path, monkeypatch, capsys):
   out = tmp_path / "bench.json"
   monkeypatch.setattr(sys, "argv", ["train_step.py", "--regime", "32,1,8", "--rounds", "1", "--calls", "1",
                                     "--seeds", "0", "--only", "^dora r8$", "--json", str(out)])
@@ -74,3 +74,43 @@ def test_train_step_script_runs_and_writes_its_json(tmp_path, monkeypatch):
   assert dora["ref"] == "lora r8" and math.isfinite(dora["x_ref"]) and dora["x_ref"] > 0
   assert dora["peak_mib"] > 0 and dora["gflop"] > 0 and isinstance(dora["meets_target"], bool)
   assert len(result["regimes"][0]["times_s"]["dora r8"]) == 1
+  assert dora["verdict"] in {"met", "missed", "on the bound"} and dora["x_ci"] is None     # 1 round: no interval
+
+  capsys.readouterr()
+  monkeypatch.setattr(sys, "argv", ["train_step.py", "--report", str(out)])
+  train_step.main()                                  # the saved run's tables again, from its JSON alone
+  printed = capsys.readouterr().out
+  assert "| dora r8 |" in printed and "95% interval" in printed
+
+
+@pytest.mark.parametrize("n, ranks", [(10, (2, 9)), (20, (6, 15)), (40, (14, 27))])
+def test_median_interval_takes_the_order_statistics_of_the_binomial_tables(n, ranks):
+  """The 95% distribution-free interval for a median: published tables (e.g. Conover, Practical Nonparametric
+  Statistics, table A3) give the 2nd and 9th of 10 sorted samples, the 6th and 15th of 20, the 14th and 27th of
+  40. The samples are shuffled so that the ranks, not the input order, decide."""
+  samples = np.random.default_rng(n).permutation(np.arange(1.0, n + 1))      # sample i has rank i
+  assert train_step.median_interval(samples) == ranks
+  assert train_step.median_interval(samples[:5]) is None      # 5 samples cannot reach 95% (at best 1 - 2/32)
+
+
+def _regime(ratios, target=1.03, memory=1.0, memory_target=None):
+  """A regime with one targeted variant whose per-round time ratios to plain are `ratios`."""
+  plain = [1.0] * len(ratios)
+  row = {"variant": "v", "x_plain": float(np.median(ratios)), "memory_x_plain": memory, "target": target,
+         "memory_target": memory_target, "target_of": "plain"}
+  return {"rows": [{"variant": "plain", "target": None}, row], "times_s": {"plain": plain, "v": list(ratios)}}
+
+
+@pytest.mark.parametrize("ratios, memory, verdict", [
+    (np.linspace(0.98, 1.02, 20), 1.0, "met"),              # the whole interval under 1.03
+    (np.linspace(1.04, 1.08, 20), 1.0, "missed"),           # the whole interval over
+    (np.linspace(0.95, 1.10, 20), 1.0, "on the bound"),     # median 1.025 under 1.03, but the interval straddles it
+    (np.linspace(0.98, 1.02, 20), 1.2, "missed"),           # time met, memory (exact) over its bound
+])
+def test_a_target_is_judged_on_the_interval_of_its_ratio(ratios, memory, verdict):
+  r = _regime(ratios, memory=memory, memory_target=1.05)
+  train_step.judge(r)
+  row = r["rows"][1]
+  assert row["verdict"] == verdict
+  lo, hi = row["x_ci"]
+  assert lo == pytest.approx(sorted(ratios)[5]) and hi == pytest.approx(sorted(ratios)[14])
