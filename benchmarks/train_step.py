@@ -194,9 +194,14 @@ def interleaved(steps: dict[str, Step], rounds: int, calls: int, seed: int = 0) 
   return times
 
 
+def round_ratios(times: dict[str, list[float]], name: str, ref: str) -> np.ndarray:
+  """The within-round ratios of `name` to `ref`, one per round."""
+  return np.array(times[name]) / np.array(times[ref])
+
+
 def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
   """The median over rounds of the within-round ratio."""
-  return float(np.median(np.array(times[name]) / np.array(times[ref])))
+  return float(np.median(round_ratios(times, name, ref)))
 
 
 def median_interval(samples, level: float = 0.95) -> Optional[tuple[float, float]]:
@@ -215,19 +220,22 @@ def median_interval(samples, level: float = 0.95) -> Optional[tuple[float, float
 
 def judge(r: dict) -> None:
   """Adds to every row of a regime the 95% interval of its ratio to its target's reference, else to plain
-  (`x_ci`, from the per-round ratios in `times_s`), and to a row with a target a verdict: "met" when the whole
-  interval is within the bound (and the memory, which is exact, too), "missed" when the whole interval is above
-  it (or the memory is), "on the bound" when the interval straddles it: the run cannot tell. With too few rounds
-  for an interval, the median decides."""
+  (`x_ci`, from the per-round ratios in `times_s`), and to a row with a target two judgments: `meets_target`
+  on the medians alone (as runs before the intervals were judged), and a verdict: "met" when the whole interval
+  is within the bound (and the memory, which is exact, too), "missed" when the whole interval is above it (or
+  the memory is), "on the bound" when the interval straddles it: the run cannot tell. With too few rounds for
+  an interval, the median decides."""
   times = r["times_s"]
   for row in r["rows"]:
     ref = row.get("target_of") or "plain"
-    row["x_ci"] = median_interval(np.array(times[row["variant"]]) / np.array(times[ref]))
+    row["x_ci"] = median_interval(round_ratios(times, row["variant"], ref))
     if not row.get("target"):
       continue
     x, mem = (row["x_plain"], row["memory_x_plain"]) if ref == "plain" else (row["x_ref"], row["memory_x_ref"])
+    memory_ok = row["memory_target"] is None or mem <= row["memory_target"]
+    row["meets_target"] = bool(x <= row["target"] and memory_ok)
     ci = row["x_ci"] or (x, x)
-    if row.get("memory_target") and mem > row["memory_target"] or ci[0] > row["target"]:
+    if not memory_ok or ci[0] > row["target"]:
       row["verdict"] = "missed"
     else:
       row["verdict"] = "met" if ci[1] <= row["target"] else "on the bound"
@@ -258,9 +266,7 @@ def regime(d_model: int, batch: int, seq: int, args) -> dict:
     if st.newton_schulz_flops:
       row["newton_schulz_share"] = st.newton_schulz_flops / st.flops
     if v.target:
-      x, mem = (row["x_plain"], row["memory_x_plain"]) if v.target_of == "plain" else (row["x_ref"], row["memory_x_ref"])
       row["target_of"] = v.target_of
-      row["meets_target"] = bool(x <= v.target and (v.memory_target is None or mem <= v.memory_target))
     rows.append(row)
   r = {"d_model": d_model, "batch": batch, "seq": seq, "tokens": batch * seq, "rounds": args.rounds,
        "calls": args.calls, "rows": rows, "times_s": times}
@@ -284,8 +290,9 @@ def print_regime(r: dict) -> None:
     met = {"met": "yes", "missed": "**no**", "on the bound": "on the bound", None: ""}[row.get("verdict")]
     ci = row.get("x_ci")
     ci = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci and row["variant"] != row.get("target_of", "plain") else ""
-    print(f"| {row['variant']}{extra} | {row['ms']:.2f} | {row['x_plain']:.3f} | {ref} | {ci} | {row['peak_mib']:.1f} | "
-          f"{row['memory_x_plain']:.3f} | {mem_ref} | {row['gflop_per_s']:.1f} | {target} | {met} |")
+    print(f"| {row['variant']}{extra} | {row['ms']:.2f} | {row['x_plain']:.3f} | {ref} | {ci} | "
+          f"{row['peak_mib']:.1f} | {row['memory_x_plain']:.3f} | {mem_ref} | {row['gflop_per_s']:.1f} | {target} | "
+          f"{met} |")
 
 
 # --------------------------------------------------------------------------------------- seeds: vmap or not
