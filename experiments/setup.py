@@ -228,12 +228,12 @@ def check(config, datasets: dict | None = None) -> None:
   reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps)
 
 
-def forward_fn(model, rules, fast: bool):
+def forward_fn(model, rules, fast: bool, space: str = "auto"):
   def forward(rp, collections, x, train, rng):
     mutable = list(collections) if (train and collections) else False
     kwargs = dict(train=train, rngs={"dropout": rng}, mutable=mutable)
     if fast and hasattr(reparam, "apply"):
-      out = reparam.apply(rules, model, rp, x, collections=collections, **kwargs)
+      out = reparam.apply(rules, model, rp, x, collections=collections, space=space, **kwargs)
     else:
       out = model.apply({"params": reparam.materialize(rules, rp), **collections}, x, **kwargs)
     return (out[0], {**collections, **out[1]}) if mutable else (out, collections)

@@ -79,10 +79,19 @@ def identity() -> Reparam:
 
 
 def _stage_linear(t: Reparam, factors, w, layer) -> Callable[[jax.Array], jax.Array]:
-  """`x -> layer.matmul(x, t.apply(factors, w))`: `t.linear` where it has one, else on the materialized weight."""
+  """`x -> layer.matmul(x, t.apply(factors, w))`: `t.linear` where it has one and takes this layer, else on the
+  materialized weight (`w`, the stages before materialized, then this stage), so one stage without a form here
+  does not send the others back to weight space."""
+  materialized = lambda x: layer.matmul(x, t.apply(factors, w))
   if t.linear is None:
-    return lambda x: layer.matmul(x, t.apply(factors, w))
-  return functools.partial(t.linear, factors, w, layer=layer)
+    return materialized
+
+  def stage(x):
+    try:
+      return t.linear(factors, w, x, layer)
+    except NoFastForm:
+      return materialized(x)
+  return stage
 
 
 def chain(*transforms: Reparam) -> Reparam:

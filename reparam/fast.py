@@ -27,13 +27,14 @@ NNX: `apply` is for linen. An NNX model uses `materialize` through `nnx.split`/`
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reparam.core import NoFastForm, Rules, _compile, _map_wrapped
+from reparam.core import ConfigError, NoFastForm, Rules, _compile, _map_wrapped
 from reparam.layout import Layout, resolve
 
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
@@ -45,12 +46,37 @@ class Layer(NamedTuple):
     layout: the kernel's axes as the layer contracts them (window..., in..., out...);
     base: `x -> x·w` (no bias), linear in x; a previous chain stage's activation-space form inside a chain;
     matmul: `(x, k) -> x·k`, the layer's own contraction (no bias) with any kernel shaped (window..., in..., out'...);
-    scale_in: `(x, v) -> x ⊙ v`, v shaped like the kernel's input axes (for a conv: per channel, over the window).
+    scale_in: `(x, v) -> x ⊙ v`, v shaped like the kernel's input axes (for a conv: per channel, over the window);
+    rows: x's rows (its size over the contracted features: tokens for a Dense); weight_size: in·out (·window);
+    by_cost: whether a form that only moves elementwise work from the weight to the activations should first ask
+      `activation_space_pays` (apply's space="auto" off CPU).
   """
   layout: Layout
   base: Callable[[jax.Array], jax.Array]
   matmul: Callable[[jax.Array, jax.Array], jax.Array]
   scale_in: Callable[[jax.Array, jax.Array], jax.Array]
+  rows: int = 0
+  weight_size: int = 0
+  by_cost: bool = False
+
+  def activation_space_pays(self, per_row: int) -> bool:
+    """Whether scaling `per_row` activations in each of the `rows` rows costs no more than a pass over the weight.
+
+    Multipliers and weight norm do the same matmuls in both spaces; they differ only in where the elementwise
+    scaling (and, backward, its sums) happens: `rows·per_row` activations or `in·out` weights. DoRA's activation
+    form also skips the frozen weight's gradient, a matmul, but scales and adds (rows × out) activations. On CPU,
+    XLA folds the activation scaling into the matmul's loops and the activation forms win even at 4096 tokens
+    (benchmarks/train_step.py, d_model 256: multipliers 0.92x plain against 1.01x materialized, DoRA 1.03x LoRA
+    against 1.38x), so `by_cost` is off there. On a GPU every scaling is a pass over memory of its own: at 4096
+    tokens of d_model 256 on an H100 the activation forms cost 1.59x plain (multipliers; 1.14x materialized) and
+    1.37x LoRA (DoRA; 0.95x), and at 8192 tokens of d_model 1024 in bf16 1.14x (1.06x) and 1.15x (1.01x)
+    (docs/performance.md), so there the smaller count decides."""
+    return not self.by_cost or self.rows * per_row <= self.weight_size
+
+  def weight_space_is_cheaper(self, per_row: int) -> NoFastForm:
+    """The reason to raise when `activation_space_pays(per_row)` is False (the layer then runs materialized)."""
+    return NoFastForm(f"weight space is cheaper here ({self.rows} rows x {per_row} activations to scale > "
+                      f"{self.weight_size} weights)")
 
   @staticmethod
   def scale_out(y: jax.Array, v: jax.Array) -> jax.Array:
@@ -98,7 +124,7 @@ def _scale_trailing_bwd(res, g):
 _scale_trailing.defvjp(_scale_trailing_fwd, _scale_trailing_bwd)
 
 
-def layer_of(module: nn.Module, x: jax.Array, w: jax.Array) -> Layer:
+def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = False) -> Layer:
   """The `Layer` of a bound Dense, DenseGeneral or Conv about to be called on `x`, with stored kernel `w`."""
   if type(module) is nn.Conv:
     if module.mask is not None or module.feature_group_count != 1:
@@ -125,10 +151,11 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array) -> Layer:
       return scale_trailing(x, v)
     return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in x_axes))
 
-  return Layer(layout, lambda x: matmul(x, w), matmul, scale_in)
+  rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
+  return Layer(layout, lambda x: matmul(x, w), matmul, scale_in, rows, w.size, by_cost)
 
 
-def _fast_call(module, entry, call_args, call_kwargs, busy):
+def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool):
   t, factors, w, kernel = entry
   if t.linear is None:
     raise NoFastForm(f"{t.name} has no activation-space form")
@@ -139,7 +166,7 @@ def _fast_call(module, entry, call_args, call_kwargs, busy):
   if len(call_args) + len(call_kwargs) != 1:
     raise NoFastForm("unexpected call arguments")
   x = jnp.asarray(call_args[0] if call_args else next(iter(call_kwargs.values())))
-  layer = layer_of(module, x, w)
+  layer = layer_of(module, x, w, by_cost)
   busy.append(module)      # the clones `layer.matmul` applies are our own calls: not to be intercepted
   try:
     y = t.linear(factors, w, x, layer)
@@ -152,7 +179,14 @@ def _fast_call(module, entry, call_args, call_kwargs, busy):
   return y.astype(dtype)
 
 
-def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, log: Optional[dict] = None):
+SPACES = ("auto", "activation")
+
+
+def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, space: str,
+         log: Optional[dict] = None):
+  if space not in SPACES:
+    raise ConfigError(f"space={space!r} is not one of: {', '.join(SPACES)}")
+  by_cost = space == "auto" and jax.default_backend() != "cpu"
   entries = {}
 
   def on_wrapped(path, t, factors, w):
@@ -173,7 +207,7 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, log
     if path not in entries:
       return next_fun(*call_args, **call_kwargs)
     try:
-      y = _fast_call(module, entries[path], call_args, call_kwargs, busy)
+      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, by_cost)
     except NoFastForm as e:
       if log is not None:
         log[path] = f"materialized: {e}"
@@ -186,22 +220,25 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, log
     return model.apply({"params": params, **(collections or {})}, *args, **kwargs)
 
 
-def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, **kwargs) -> Any:
+def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, space: str = "auto",
+          **kwargs) -> Any:
   """`model.apply({"params": materialize(rules, rparams), **collections}, *args, **kwargs)`, in activation space.
 
   Returns exactly what that call returns (including `mutable=` outputs) and has the same gradients with respect
   to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
   has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
-  Meant to be called inside `jit` (e.g. at the top of the loss); linen models only.
+  `space`: "auto" lets a form whose only gain is cheaper elementwise work (multipliers, weight norm) run
+  materialized where the weight is the smaller side off CPU (`Layer.activation_space_pays`); "activation" uses
+  every form there is. Meant to be called inside `jit` (e.g. at the top of the loss); linen models only.
   """
-  return _run(rules, model, rparams, args, collections, kwargs)
+  return _run(rules, model, rparams, args, collections, kwargs, space)
 
 
-def explain(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None,
+def explain(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, space: str = "auto",
             **kwargs) -> dict[str, str]:
   """`{kernel path: "fast" | "materialized: <why>"}` for every wrapped leaf, from one abstract trace (no compute)."""
   log = {}
-  jax.eval_shape(lambda rp: _run(rules, model, rp, args, collections, kwargs, log), rparams)
+  jax.eval_shape(lambda rp: _run(rules, model, rp, args, collections, kwargs, space, log), rparams)
   return log
 
 

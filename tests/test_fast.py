@@ -212,6 +212,55 @@ def test_fallbacks_are_exact_and_explained():
   compare(rules, model, rp, x)
 
 
+MLP_LAYERS = {"Dense_0/kernel": (12, 7), "Dense_1/kernel": (9, 12)}    # (in, out); Dense(7) is constructed first
+
+
+@pytest.mark.parametrize("rows", [4, 5, 6, 12, 13])
+@pytest.mark.parametrize("name, per_row", [("mult_src", lambda i, o: i + o), ("mult_c", lambda i, o: i),
+                                           ("mult_s", lambda i, o: o), ("weight_norm", lambda i, o: o),
+                                           ("dora", lambda i, o: o), ("dora_full_grad", lambda i, o: o)])
+def test_auto_space_off_cpu_takes_the_cheaper_side_per_layer(name, per_row, rows, monkeypatch):
+  """Off CPU, space="auto" runs multipliers, weight norm and DoRA in activation space only where scaling the
+  activations (rows × the features it scales) costs no more than the weight (in·out): at the boundary (mult_src
+  on the 9 → 12 layer at 5 rows: 5·21 = 105 ≤ 108; at 6: 126 > 108) and on both sides, each layer on its own; exact
+  either way."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  rules = rules_for("dense", TRANSFORMS[name])
+  model, _, rp = setup("dense", rules)
+  x = jax.random.normal(key(3), (rows, 9))
+  taken = fast.explain(rules, model, rp, x)
+  for path, (i, o) in MLP_LAYERS.items():
+    if rows * per_row(i, o) <= i * o:
+      assert taken[path] == "fast", (path, taken)
+    else:
+      assert taken[path] == (f"materialized: weight space is cheaper here ({rows} rows x {per_row(i, o)} "
+                             f"activations to scale > {i * o} weights)"), (path, taken)
+  compare(rules, model, rp, x)
+  assert set(fast.explain(rules, model, rp, x, space="activation").values()) == {"fast"}
+  monkeypatch.undo()                                  # on CPU, "auto" is "activation"
+  assert set(fast.explain(rules, model, rp, x).values()) == {"fast"}
+
+
+@pytest.mark.parametrize("name", ["lora", "dora+mult", "mult+dora", "weight_norm+mult", "mult+weight_norm"])
+def test_auto_space_in_chains_is_per_stage(name, monkeypatch):
+  """LoRA keeps its activation form at any batch. In a chain, a stage that prefers weight space is materialized
+  on its own (from the stages before it) while the chain stays in activation space: values and gradients
+  still those of materialization."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  rules = rules_for("dense", TRANSFORMS[name])
+  model, _, rp = setup("dense", rules)
+  x = jax.random.normal(key(3), (64, 9))            # far past every crossover: 64 rows of 9 + 12 features
+  assert set(fast.explain(rules, model, rp, x).values()) == {"fast"}
+  compare(rules, model, rp, x)
+
+
+def test_unknown_space_is_refused_before_any_compute():
+  rules = rules_for("dense", TRANSFORMS["weight_norm"])
+  model, x, rp = setup("dense", rules)
+  with pytest.raises(reparam.ConfigError, match=r"space='weights' is not one of: auto, activation"):
+    reparam.apply(rules, model, rp, x, space="weights")
+
+
 class Block(nn.Module):
   @nn.compact
   def __call__(self, x, _=None):

@@ -10,6 +10,7 @@ exactly what `apply` computes.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -69,9 +70,14 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     return (v * expand(factors["m"] / n, layout, layout.outputs)).astype(w.dtype)
 
   def linear(factors, w, x, layer):
-    """Activation space: `y = (m/n) ⊙ (x K₀ + s (x A) B)`, with n from `lowrank_norm`: never forms K₀ + sAB."""
+    """Activation space: `y = (m/n) ⊙ (x K₀ + s (x A) B)`, with n from `lowrank_norm`: never forms K₀ + sAB.
+    It skips the frozen K₀'s weight gradient (a matmul) but adds passes over the (rows × out) activations: on a
+    GPU those cost more once rows > in (`Layer.activation_space_pays`, measured in docs/performance.md)."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
+    units = math.prod(layout.out_shape(w.shape))
+    if not layer.activation_space_pays(units):
+      raise layer.weight_space_is_cheaper(units)
     w = jax.lax.stop_gradient(w)
     n = lowrank_norm(factors, w, layout, scale, eps)
     if detach_norm:

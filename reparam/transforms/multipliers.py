@@ -11,6 +11,8 @@ For a conv kernel, `c` is per input channel and is shared across the window.
 """
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from reparam.core import ConfigError, Reparam
@@ -48,8 +50,13 @@ def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
   def linear(factors, w, x, layer):
     """Activation space: `y = s · r ⊙ ((x ⊙ c) K)`, exact since `c` scales the contracted input features and
     `s·r` the output units; no O(in·out) work beyond the layer's own (for a conv, `c` is per channel, as here)."""
-    layer.check(resolve(w.ndim, in_axes, out_axes))
+    layout = resolve(w.ndim, in_axes, out_axes)
+    layer.check(layout)
     s, row, col = factors.get("scalar"), factors.get("row"), factors.get("col")
+    per_row = (math.prod(layout.in_shape(w.shape)) if col is not None else 0) + (
+        math.prod(layout.out_shape(w.shape)) if row is not None or s is not None else 0)
+    if not layer.activation_space_pays(per_row):
+      raise layer.weight_space_is_cheaper(per_row)
     # The scalar rides on a vector that scales the activations anyway: each pass over them costs as much as a
     # (tokens × features) matmul's epilogue, so one per side, not two.
     if s is not None and row is not None:
