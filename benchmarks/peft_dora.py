@@ -64,32 +64,46 @@ def _model(d_model: int, seq: int):
   return LM()
 
 
-def _step_fn(d_model: int, batch: int, seq: int, rank: int, dora: bool):
+def _device():
+  import torch
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _step_fn(d_model: int, batch: int, seq: int, rank: int, dora: bool, dtype: str = "float32"):
+  """One training step of peft's LoRA or DoRA on the GPU where there is one; with dtype bfloat16 the forward
+  runs under autocast (parameters float32, as in train_step.py's `--dtype bfloat16`)."""
   import torch
   from peft import LoraConfig, get_peft_model
   torch.manual_seed(0)
+  device = _device()
   model = get_peft_model(_model(d_model, seq), LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                                          target_modules=list(HIDDEN), use_dora=dora))
+                                                          target_modules=list(HIDDEN), use_dora=dora)).to(device)
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-  tokens = torch.randint(0, 256, (batch, seq + 1))
+  tokens = torch.randint(0, 256, (batch, seq + 1), device=device)
   x, y = tokens[:, :-1], tokens[:, 1:]
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
   def step():
-    loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+    with autocast:
+      logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
   return step
 
 
-def measure(d_model: int, batch: int, seq: int, rank: int = 8, rounds: int = 20, calls: int = 5) -> dict:
+def measure(d_model: int, batch: int, seq: int, rank: int = 8, rounds: int = 20, calls: int = 5,
+            dtype: str = "float32") -> dict:
   """Median ms per step of peft LoRA and DoRA, and the median within-round DoRA/LoRA ratio."""
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
-  steps = {"lora": _step_fn(d_model, batch, seq, rank, False), "dora": _step_fn(d_model, batch, seq, rank, True)}
+  steps = {k: _step_fn(d_model, batch, seq, rank, k == "dora", dtype) for k in ("lora", "dora")}
+  sync = torch.cuda.synchronize if _device().type == "cuda" else (lambda: None)   # GPU work is asynchronous
   for f in steps.values():
     for _ in range(3):
       f()
+  sync()
   times = {k: [] for k in steps}
   rng = np.random.default_rng(0)
   for _ in range(rounds):
@@ -97,8 +111,10 @@ def measure(d_model: int, batch: int, seq: int, rank: int = 8, rounds: int = 20,
       t0 = time.perf_counter()
       for _ in range(calls):
         steps[name]()
+      sync()
       times[name].append((time.perf_counter() - t0) / calls)
   return {"d_model": d_model, "tokens": batch * seq, "rank": rank, "torch": torch.__version__,
+          "device": str(_device()), "dtype": dtype,
           "lora_ms": 1e3 * float(np.median(times["lora"])), "dora_ms": 1e3 * float(np.median(times["dora"])),
           "dora_x_lora": float(np.median(np.array(times["dora"]) / np.array(times["lora"])))}
 

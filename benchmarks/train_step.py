@@ -70,6 +70,10 @@ HIDDEN = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 HIDDEN_KERNELS = r"block_\d+/(" + "|".join(HIDDEN) + ")/kernel"
 ADAMW = dict(name="adamw", learning_rate=1e-3, weight_decay=0.1)
 REGIMES = ((512, 1, 128), (256, 16, 256))          # (d_model, batch, sequence length)
+LAYERS, VOCAB, MLP_RATIO = 2, 256, 4
+# Dense bf16 matrix-unit peaks from the vendor's datasheets (FLOP/s, no sparsity), by `device_kind`: MFU's
+# usual denominator. The script also measures a large matmul in the step's own dtype (`matmul_peak`).
+DATASHEET_BF16_PEAK = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H200": 989.4e12}
 
 
 @dataclasses.dataclass
@@ -79,6 +83,7 @@ class Variant:
   transform: Optional[reparam.Reparam] = None       # on the hidden kernels
   optimizer: dict = dataclasses.field(default_factory=dict)    # overrides of ADAMW
   fast: bool = True                                  # reparam.apply (activation space) or materialize
+  space: str = "auto"                                # reparam.apply's choice of space where fast
   flax_weight_norm: bool = False
   ref: Optional[str] = None
   target: Optional[float] = None                     # the issue's bound on the time ratio to `target_of`
@@ -87,19 +92,26 @@ class Variant:
 
 
 def variants(rank: int) -> list[Variant]:
+  """The table's rows. Off CPU, where `reparam.apply`'s space="auto" may choose weight space by shape
+  (`Layer.activation_space_pays`), multipliers, weight norm and DoRA also run with every activation-space form."""
   mult = reparam.multipliers(scalar=True, row=True, col=True)
+  by_cost = jax.default_backend() != "cpu"
   return [
       Variant("plain"),
       Variant("plain, again"),      # the same program built twice: its ratio is how far apart equal steps measure
       Variant("multipliers", mult, target=1.03),
+      *([Variant("multipliers, activation space", mult, space="activation")] if by_cost else []),
       Variant("multipliers, materialized", mult, fast=False),
       Variant("weight_norm", reparam.weight_norm(), ref="flax.linen.WeightNorm", target=1.07),
+      *([Variant("weight_norm, activation space", reparam.weight_norm(), space="activation")] if by_cost else []),
       Variant("weight_norm, materialized", reparam.weight_norm(), fast=False),
       Variant("flax.linen.WeightNorm", flax_weight_norm=True),
       Variant("nap", optimizer={"nap": True}, target=1.05),
       Variant(f"lora r{rank}", reparam.lora(rank)),
       Variant(f"dora r{rank}", reparam.dora(rank), ref=f"lora r{rank}", target=1.10, memory_target=1.05,
               target_of=f"lora r{rank}"),
+      *([Variant(f"dora r{rank}, activation space", reparam.dora(rank), space="activation", ref=f"lora r{rank}")]
+        if by_cost else []),
       Variant(f"dora r{rank}, materialized", reparam.dora(rank), fast=False, ref=f"lora r{rank}"),
       Variant("muon", optimizer={"name": "muon", "learning_rate": 0.02}),
   ]
@@ -162,19 +174,48 @@ def newton_schulz_flops(opt: dict, rules, rparams) -> float:
   return total
 
 
-def build_step(v: Variant, d_model: int, batch: int, seq: int, key) -> Step:
+def model_flops(d_model: int, seq: int, tokens: int) -> float:
+  """The LM's model FLOPs per training step, as MFU counts them (PaLM, Chowdhery et al. 2022, appendix B):
+  3 × the forward's matmuls (forward, and the backward's two products per matmul), with N = 12·L·d² + d·V
+  matmul weights (q, k, v, out: 4d²; MLP ×4: 8d²; the head: d·V; the embedding is a lookup) and the attention's
+  two products of 2·seq·d per token and layer, counted in full (no credit for the causal mask):
+  tokens · (6N + 12·L·seq·d). The transform's own work is not model work: a reparameterization that costs
+  time lowers MFU."""
+  n = 12 * LAYERS * d_model ** 2 + d_model * VOCAB
+  return float(tokens * (6 * n + 12 * LAYERS * seq * d_model))
+
+
+def matmul_peak(dtype, n: Optional[int] = None, calls: int = 10) -> float:
+  """FLOP/s of a large jitted `n × n` matmul in `dtype` at the default precision (the ceiling the step's own
+  matmuls can reach on this device): the median over `calls` timed calls after a warm-up. n: 8192 on an
+  accelerator, 1024 on CPU (where larger adds minutes and no rate)."""
+  n = n or (1024 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)          # random data: zeros run faster on some chips
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, b))
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def build_step(v: Variant, d_model: int, batch: int, seq: int, key, dtype=jnp.float32) -> Step:
   """The training loop's own step (`train.make_train_step`) for one variant, compiled ahead of time."""
   tokens = jax.random.randint(key, (batch, seq + 1), 0, 256)
   data = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
   opt = {**ADAMW, **v.optimizer}
   with flax_weight_norm_on_hidden_kernels() if v.flax_weight_norm else contextlib.nullcontext():
-    model = models.Transformer(vocab_size=256, d_model=d_model, num_heads=8, num_layers=2, mlp_ratio=4)
+    model = models.Transformer(vocab_size=VOCAB, d_model=d_model, num_heads=8, num_layers=LAYERS,
+                               mlp_ratio=MLP_RATIO, dtype=dtype)
     params = model.init(key, data["x"])["params"]
     rules = [(HIDDEN_KERNELS, v.transform)] if v.transform else []
     rparams = reparam.init(rules, params, jax.random.fold_in(key, 1))
     s = types.SimpleNamespace(
         config=ml_collections.ConfigDict({"seed": 0, "train": {"log_every": 1000, "skip_nonfinite": False}}),
-        forward=setup.forward_fn(model, rules, v.fast), tx=reparam.optim.make(opt, rules, rparams),
+        forward=setup.forward_fn(model, rules, v.fast, v.space), tx=reparam.optim.make(opt, rules, rparams),
         rparams=rparams, collections={})
     state = train.init_state(s)
     compiled = jax.jit(train.make_train_step(s), donate_argnums=0).lower(state, data).compile()
@@ -241,7 +282,9 @@ def judge(r: dict) -> None:
       row["verdict"] = "met" if ci[1] <= row["target"] else "on the bound"
 
 
-def regime(d_model: int, batch: int, seq: int, args) -> dict:
+def regime(d_model: int, batch: int, seq: int, args, peak: Optional[dict] = None) -> dict:
+  """Every variant's step at one shape, timed side by side; `peak`: the FLOP/s that MFU divides by
+  ({"measured": ..., "datasheet": ... or None})."""
   vs = variants(args.rank)
   if args.only:       # the chosen variants, with plain, the control and their references
     keep = {v.name for v in vs if re.search(args.only, v.name)}
@@ -249,17 +292,22 @@ def regime(d_model: int, batch: int, seq: int, args) -> dict:
     vs = [v for v in vs if v.name in keep]
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  steps = {v.name: build_step(v, d_model, batch, seq, key) for v in vs}
+  steps = {v.name: build_step(v, d_model, batch, seq, key, jnp.dtype(args.dtype)) for v in vs}
   print(f"  compiled {len(steps)} steps in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
   times = interleaved(steps, args.rounds, args.calls)
   rows = []
+  useful = model_flops(d_model, seq, batch * seq)
   for v in vs:
     st = steps[v.name]
-    row = {"variant": v.name, "ms": 1e3 * float(np.median(times[v.name])),
+    sec = float(np.median(times[v.name]))
+    row = {"variant": v.name, "ms": 1e3 * sec,
            "x_plain": ratio(times, v.name, "plain"), "peak_mib": st.peak_bytes / 2 ** 20,
            "memory_x_plain": st.peak_bytes / steps["plain"].peak_bytes,
-           "gflop": st.flops / 1e9, "gflop_per_s": st.flops / np.median(times[v.name]) / 1e9,
+           "gflop": st.flops / 1e9, "gflop_per_s": st.flops / sec / 1e9,
            "ref": v.ref, "target": v.target, "memory_target": v.memory_target}
+    for kind, flops_per_s in (peak or {}).items():
+      if flops_per_s:
+        row[f"mfu_{kind}"] = useful / sec / flops_per_s
     if v.ref:
       row["x_ref"] = ratio(times, v.name, v.ref)
       row["memory_x_ref"] = st.peak_bytes / steps[v.ref].peak_bytes
@@ -268,17 +316,26 @@ def regime(d_model: int, batch: int, seq: int, args) -> dict:
     if v.target:
       row["target_of"] = v.target_of
     rows.append(row)
-  r = {"d_model": d_model, "batch": batch, "seq": seq, "tokens": batch * seq, "rounds": args.rounds,
-       "calls": args.calls, "rows": rows, "times_s": times}
+  r = {"d_model": d_model, "batch": batch, "seq": seq, "tokens": batch * seq, "dtype": args.dtype,
+       "model_gflop": useful / 1e9, "rounds": args.rounds, "calls": args.calls, "rows": rows, "times_s": times}
   judge(r)
   return r
 
 
+def _mfu(row: dict) -> str:
+  """MFU in percent of the measured matmul peak, and of the datasheet's where the device is in the table."""
+  if "mfu_measured" not in row:          # runs saved before MFU was measured
+    return ""
+  datasheet = f" ({100 * row['mfu_datasheet']:.1f})" if "mfu_datasheet" in row else ""
+  return f"{100 * row['mfu_measured']:.1f}{datasheet}"
+
+
 def print_regime(r: dict) -> None:
-  print(f"\n### d_model {r['d_model']}, {r['tokens']} tokens per step ({r['batch']} × {r['seq']})\n")
+  dtype = f", {r['dtype']}" if "dtype" in r else ""
+  print(f"\n### d_model {r['d_model']}, {r['tokens']} tokens per step ({r['batch']} × {r['seq']}{dtype})\n")
   print("| variant | ms/step | × plain | × ref (ref) | 95% interval | peak MiB | mem × plain | mem × ref | GFLOP/s "
-        "| target | met |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "| MFU % | target | met |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for row in r["rows"]:
     ref = f"{row['x_ref']:.3f} ({row['ref']})" if row.get("ref") else ""
     mem_ref = f"{row['memory_x_ref']:.3f}" if row.get("ref") else ""
@@ -291,8 +348,8 @@ def print_regime(r: dict) -> None:
     ci = row.get("x_ci")
     ci = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci and row["variant"] != row.get("target_of", "plain") else ""
     print(f"| {row['variant']}{extra} | {row['ms']:.2f} | {row['x_plain']:.3f} | {ref} | {ci} | "
-          f"{row['peak_mib']:.1f} | {row['memory_x_plain']:.3f} | {mem_ref} | {row['gflop_per_s']:.1f} | {target} | "
-          f"{met} |")
+          f"{row['peak_mib']:.1f} | {row['memory_x_plain']:.3f} | {mem_ref} | {row['gflop_per_s']:.1f} | {_mfu(row)} | "
+          f"{target} | {met} |")
 
 
 # --------------------------------------------------------------------------------------- seeds: vmap or not
@@ -369,6 +426,8 @@ def report(path: str) -> None:
   with open(path) as f:
     out = json.load(f)
   print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
+  if out.get("matmul_peak_flops", {}).get("measured"):
+    print(f"{out['args'].get('dtype', 'float32')} matmul, measured: {out['matmul_peak_flops']['measured'] / 1e12:.2f} TFLOP/s")
   for r in out["regimes"]:
     judge(r)
     print_regime(r)
@@ -384,6 +443,8 @@ def main():
   ap.add_argument("--rounds", type=int, default=20, help="timed samples per variant")
   ap.add_argument("--calls", type=int, default=5, help="steps per timed sample")
   ap.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="the LM's compute dtype (parameters stay float32)")
   ap.add_argument("--regime", action="append", default=None,
                   help="d_model,batch,seq (repeatable); default: 512,1,128 and 256,16,256; none: only the seeds")
   ap.add_argument("--only", default="", help="regex: time only the variants it matches (and their references)")
@@ -409,24 +470,44 @@ def main():
          "cpu_count": os.cpu_count(), "machine": platform.machine(), "args": vars(args), "regimes": []}
   print(f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, jax {jax.__version__}; medians over "
         f"{args.rounds} rounds of {args.calls} steps; ratios taken within each round")
+  peak = {"measured": matmul_peak(jnp.dtype(args.dtype)) if regimes else None,
+          "datasheet": DATASHEET_BF16_PEAK.get(dev.device_kind)}
+  out["matmul_peak_flops"] = peak
+  if regimes:
+    print(f"{args.dtype} matmul, measured: {peak['measured'] / 1e12:.2f} TFLOP/s"
+          + (f"; datasheet bf16 peak {peak['datasheet'] / 1e12:.1f}" if peak["datasheet"] else "")
+          + ". MFU % = the LM's model FLOPs (`model_flops`) per second over the measured rate (over the datasheet's)")
   for d_model, batch, seq in regimes:
-    r = regime(d_model, batch, seq, args)
+    r = regime(d_model, batch, seq, args, peak)
     out["regimes"].append(r)
     print_regime(r)
-    sys.stdout.flush()
+    save(out, args.json)
   if args.seeds:
     out["seeds"] = seeds_throughput(args.seeds, args.seeds_steps, args.rounds, args.calls)
     print_seeds(out["seeds"])
+    save(out, args.json)
   if args.peft:
     from benchmarks import peft_dora
-    # peft's steps take up to seconds here: a quarter of the rounds, 2 steps each, keeps this section ~10 minutes
-    out["peft"] = [peft_dora.measure(d, b, s, args.rank, max(3, args.rounds // 4), 2) for d, b, s in regimes]
+    # peft's steps take up to seconds on a CPU: a quarter of the rounds, 2 steps each, keeps this section ~10 minutes
+    rounds, calls = (max(3, args.rounds // 4), 2) if dev.platform == "cpu" else (args.rounds, args.calls)
+    out["peft"] = [peft_dora.measure(d, b, s, args.rank, rounds, calls, args.dtype) for d, b, s in regimes]
     peft_dora.print_table(out["peft"], {(r["d_model"], r["tokens"]): r for r in out["regimes"]}, args.rank)
+    save(out, args.json)
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
     print(f"\nwrote {args.json}")
+
+
+def save(out: dict, path: Optional[str]) -> None:
+  """Writes what is measured so far, after each section: a run stopped at its time limit keeps its finished
+  sections (`--report` prints them). Written to a temporary file and renamed, so a stop mid-write leaves the
+  previous version whole."""
+  sys.stdout.flush()
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(out, f, indent=1)
+  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,35 @@ def test_newton_schulz_flops_match_xla_count_of_optax_muon():
   assert ours == pytest.approx(xla, rel=0.02)                   # XLA also counts the few elementwise ops
 
 
+def dot_flops(jaxpr) -> float:
+  """2·(output size)·(contracted size) summed over every dot_general of a jaxpr, sub-jaxprs included."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[a] for a in contract)
+    for value in eqn.params.values():                    # pjit, custom_vjp, remat... carry their jaxprs here
+      for item in value if isinstance(value, (tuple, list)) else (value,):
+        if type(item).__name__ in ("Jaxpr", "ClosedJaxpr"):
+          total += dot_flops(getattr(item, "jaxpr", item))
+  return total
+
+
+@pytest.mark.parametrize("d_model, batch, seq", [(64, 2, 16), (32, 1, 40)])
+def test_model_flops_count_every_matmul_of_the_training_step(d_model, batch, seq):
+  """MFU's numerator against a count of the step's own matmuls: every dot in the jaxpr of the plain LM's
+  gradient (forward and backward), sizes read off the traced shapes. The formula (6N + 12·L·seq·d per token)
+  must match it exactly: the embedding is a gather, everything else a dot done three times."""
+  model = models.Transformer(vocab_size=train_step.VOCAB, d_model=d_model, num_heads=8,
+                             num_layers=train_step.LAYERS, mlp_ratio=train_step.MLP_RATIO)
+  tokens = jnp.zeros((batch, seq), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)
+  counted = dot_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  assert train_step.model_flops(d_model, seq, batch * seq) == counted
+
+
 def test_our_weight_norm_equals_flax_weight_norm():
   """A peer implementation: flax.linen.WeightNorm (scale initialized to 1) on the same hidden kernels as our
   `weight_norm()` with g = 1 gives the same logits. The kernels are scaled by 3 first: both are invariant to
@@ -75,12 +104,31 @@ def test_train_step_script_runs_and_writes_its_json(tmp_path, monkeypatch, capsy
   assert dora["peak_mib"] > 0 and dora["gflop"] > 0 and isinstance(dora["meets_target"], bool)
   assert len(result["regimes"][0]["times_s"]["dora r8"]) == 1
   assert dora["verdict"] in {"met", "missed", "on the bound"} and dora["x_ci"] is None     # 1 round: no interval
+  peak = result["matmul_peak_flops"]["measured"]
+  assert dora["mfu_measured"] == pytest.approx(train_step.model_flops(32, 8, 8) / (dora["ms"] / 1e3) / peak)
+  assert not (tmp_path / "bench.json.tmp").exists()
 
   capsys.readouterr()
   monkeypatch.setattr(sys, "argv", ["train_step.py", "--report", str(out)])
   train_step.main()                                  # the saved run's tables again, from its JSON alone
   printed = capsys.readouterr().out
   assert "| dora r8 |" in printed and "95% interval" in printed
+
+
+def test_a_run_stopped_midway_keeps_its_finished_sections(tmp_path, monkeypatch):
+  """The JSON is written after each section: a run stopped at a time limit during the seeds keeps its regime."""
+  out = tmp_path / "bench.json"
+  monkeypatch.setattr(sys, "argv", ["train_step.py", "--regime", "32,1,8", "--rounds", "1", "--calls", "1",
+                                    "--only", "^weight_norm$", "--json", str(out)])
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(train_step, "seeds_throughput", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    train_step.main()
+  result = json.loads(out.read_text())
+  assert [r["d_model"] for r in result["regimes"]] == [32] and "seeds" not in result
+  assert {row["variant"] for row in result["regimes"][0]["rows"]} >= {"plain", "weight_norm"}
 
 
 @pytest.mark.parametrize("n, ranks", [(10, (2, 9)), (20, (6, 15)), (40, (14, 27))])
