@@ -64,13 +64,12 @@ class Layer(NamedTuple):
 
     Multipliers and weight norm do the same matmuls in both spaces; they differ only in where the elementwise
     scaling (and, backward, its sums) happens: `rows·per_row` activations or `in·out` weights. DoRA's activation
-    form also skips the frozen weight's gradient, a matmul, but scales and adds (rows × out) activations. On CPU,
-    XLA folds the activation scaling into the matmul's loops and the activation forms win even at 4096 tokens
-    (benchmarks/train_step.py, d_model 256: multipliers 0.92x plain against 1.01x materialized, DoRA 1.03x LoRA
-    against 1.38x), so `by_cost` is off there. On a GPU every scaling is a pass over memory of its own: at 4096
-    tokens of d_model 256 on an H100 the activation forms cost 1.59x plain (multipliers; 1.14x materialized) and
-    1.37x LoRA (DoRA; 0.95x), and at 8192 tokens of d_model 1024 in bf16 1.14x (1.06x) and 1.15x (1.01x)
-    (docs/performance.md), so there the smaller count decides."""
+    form also skips the frozen weight's gradient, a matmul, but scales and adds (rows × out) activations. On CPU
+    the activation forms win even at 4096 tokens (benchmarks/train_step.py, d_model 256: multipliers 0.92x plain
+    against 1.01x materialized, DoRA 1.03x LoRA against 1.38x), so `by_cost` is off there. On a GPU they lost
+    wherever activations outnumber the weight: at 4096 tokens of d_model 256 on an H100 multipliers cost 1.59x
+    plain (1.14x materialized) and DoRA 1.38x LoRA (0.95x), at 8192 tokens of d_model 1024 in bf16 1.14x (1.06x)
+    and 1.15x (1.01x) (docs/performance.md), so there the smaller count decides."""
     return not self.by_cost or self.rows * per_row <= self.weight_size
 
   def weight_space_is_cheaper(self, per_row: int) -> NoFastForm:
