@@ -24,6 +24,13 @@ evaluation and checkpoints included, with a fresh persistent compilation cache a
 and peft are installed (`pip install -e ".[peft]"`), peft's DoRA/LoRA step ratio on the same shapes is printed
 beside ours (benchmarks/peft_dora.py).
 
+MFU (the "MFU %" column): the LM's model FLOPs per step (`model_flops`, PaLM's count) per second, over the rate
+of a large matmul measured in the step's dtype on the same device (`matmul_peak`), and in brackets over the
+datasheet's dense bf16 peak where the device is in `DATASHEET_BF16_PEAK` (H100, H200). `--dtype bfloat16` runs
+the LM's compute in bf16 (parameters float32). Off CPU, `reparam.apply` chooses weight space on a layer whose
+activations outnumber its weight (`space="auto"`), so the table there also has rows with every activation-space
+form (`space="activation"`).
+
 A control row, "plain, again", is the plain step compiled a second time and timed like any variant: its ratio
 to plain (ideally 1) shows how far apart two identical programs measure in this run, the resolution of every
 other ratio in the table.

@@ -16,7 +16,8 @@ transform's `Reparam.linear` form instead, with the layer's own contraction (a c
 features and no bias: padding, strides, dilation, axes, dtype and precision stay the layer's). Everything else
 runs on the materialized kernel, which is the reference: other layer types, masked or grouped convolutions,
 DenseGeneral with `batch_dims`, a rule whose axes are not the layer's, a transform without `linear`, a kernel
-the layer sees through a lifted transform (`nn.scan`, `nn.remat`, `nn.map_variables`) or variable mapping.
+the layer sees through a lifted transform (`nn.scan`, `nn.remat`, `nn.map_variables`) or variable mapping, and,
+off CPU, a layer where the weight-space form is cheaper (`Layer.activation_space_pays`).
 `explain` says which path each wrapped kernel took.
 
 The model still receives the full materialized tree, so any other read of a kernel (a tied embedding, custom
@@ -48,8 +49,8 @@ class Layer(NamedTuple):
     matmul: `(x, k) -> x·k`, the layer's own contraction (no bias) with any kernel shaped (window..., in..., out'...);
     scale_in: `(x, v) -> x ⊙ v`, v shaped like the kernel's input axes (for a conv: per channel, over the window);
     rows: x's rows (its size over the contracted features: tokens for a Dense); weight_size: in·out (·window);
-    by_cost: whether a form that only moves elementwise work from the weight to the activations should first ask
-      `activation_space_pays` (apply's space="auto" off CPU).
+    by_cost: whether a form that scales activations should first ask `activation_space_pays` (`check_cost`):
+      apply's space="auto" off CPU.
   """
   layout: Layout
   base: Callable[[jax.Array], jax.Array]
@@ -72,10 +73,11 @@ class Layer(NamedTuple):
     and 1.15x (1.01x) (docs/performance.md), so there the smaller count decides."""
     return not self.by_cost or self.rows * per_row <= self.weight_size
 
-  def weight_space_is_cheaper(self, per_row: int) -> NoFastForm:
-    """The reason to raise when `activation_space_pays(per_row)` is False (the layer then runs materialized)."""
-    return NoFastForm(f"weight space is cheaper here ({self.rows} rows x {per_row} activations to scale > "
-                      f"{self.weight_size} weights)")
+  def check_cost(self, per_row: int) -> None:
+    """Raises NoFastForm (the layer then runs materialized) unless `activation_space_pays(per_row)`."""
+    if not self.activation_space_pays(per_row):
+      raise NoFastForm(f"weight space is cheaper here ({self.rows} rows x {per_row} activations to scale > "
+                       f"{self.weight_size} weights)")
 
   @staticmethod
   def scale_out(y: jax.Array, v: jax.Array) -> jax.Array:
@@ -226,9 +228,8 @@ def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[
   Returns exactly what that call returns (including `mutable=` outputs) and has the same gradients with respect
   to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
   has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
-  `space`: "auto" lets a form whose only gain is cheaper elementwise work (multipliers, weight norm) run
-  materialized where the weight is the smaller side off CPU (`Layer.activation_space_pays`); "activation" uses
-  every form there is. Meant to be called inside `jit` (e.g. at the top of the loss); linen models only.
+  `space`: "auto" runs multipliers, weight norm and DoRA materialized, off CPU, on a layer whose activations
+  outnumber its weight (`Layer.activation_space_pays`); "activation" uses every form there is. Meant to be called inside `jit` (e.g. at the top of the loss); linen models only.
   """
   return _run(rules, model, rparams, args, collections, kwargs, space)
 

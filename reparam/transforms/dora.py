@@ -76,8 +76,7 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
     units = math.prod(layout.out_shape(w.shape))
-    if not layer.activation_space_pays(units):
-      raise layer.weight_space_is_cheaper(units)
+    layer.check_cost(units)
     w = jax.lax.stop_gradient(w)
     n = lowrank_norm(factors, w, layout, scale, eps)
     if detach_norm:

@@ -38,8 +38,7 @@ def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> R
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
     units = math.prod(layout.out_shape(w.shape))    # the activations it scales per row
-    if not layer.activation_space_pays(units):
-      raise layer.weight_space_is_cheaper(units)
+    layer.check_cost(units)
     return layer.scale_out(layer.base(x), factors["g"].astype(jnp.float32) / norm(w, layout, eps))
 
   return Reparam(init, apply, roles={"g": "gain"}, name="weight_norm", linear=linear)
