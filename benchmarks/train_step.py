@@ -434,7 +434,8 @@ def report(path: str) -> None:
     out = json.load(f)
   print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
   if out.get("matmul_peak_flops", {}).get("measured"):
-    print(f"{out['args'].get('dtype', 'float32')} matmul, measured: {out['matmul_peak_flops']['measured'] / 1e12:.2f} TFLOP/s")
+    rate = out["matmul_peak_flops"]["measured"] / 1e12
+    print(f"{out['args'].get('dtype', 'float32')} matmul, measured: {rate:.2f} TFLOP/s")
   for r in out["regimes"]:
     judge(r)
     print_regime(r)

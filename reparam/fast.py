@@ -229,7 +229,8 @@ def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[
   to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
   has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
   `space`: "auto" runs multipliers, weight norm and DoRA materialized, off CPU, on a layer whose activations
-  outnumber its weight (`Layer.activation_space_pays`); "activation" uses every form there is. Meant to be called inside `jit` (e.g. at the top of the loss); linen models only.
+  outnumber its weight (`Layer.activation_space_pays`); "activation" uses every form there is. Meant to be
+  called inside `jit` (e.g. at the top of the loss); linen models only.
   """
   return _run(rules, model, rparams, args, collections, kwargs, space)
 
