@@ -93,6 +93,9 @@ def _validate(config) -> None:
   _check_positive(config, ["train.eval_every", "train.checkpoint_every", "train.diagnostics_every"], zero_ok=True)
   if config.train.get("keep_checkpoints") is not None:      # None: orbax keeps every checkpoint
     _check_positive(config, ["train.keep_checkpoints"])
+  space = config.train.get("space", "auto")
+  if space not in reparam.fast.SPACES:
+    raise reparam.ConfigError(f"train.space={space!r} is not one of: {', '.join(reparam.fast.SPACES)}")
   seed = config.get("seed")      # numpy's generators refuse a negative seed, deep inside the first batch
   if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
     raise reparam.ConfigError(f"seed={seed!r} must be a non-negative integer")
@@ -202,7 +205,8 @@ def build(config, like: Setup | None = None) -> Setup:
     return dataclasses.replace(like, config=config, params=params, collections=collections, rparams=rparams)
   tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps)
   return Setup(config, dataset, model, rules, params, collections, rparams, tx,
-               forward_fn(model, rules, config.train.get("fast_path", True)), _eval_fn(model), init_fn)
+               forward_fn(model, rules, config.train.get("fast_path", True), config.train.get("space", "auto")),
+               _eval_fn(model), init_fn)
 
 
 def check(config, datasets: dict | None = None) -> None:

@@ -358,8 +358,9 @@ def _check_same_but_seed(configs: list) -> None:
 # What a rerun may change without changing what the run computes: display, logging, the report, the remedy
 # the NonFiniteError message suggests, and where prepared TFDS data is read from (data moved to another disk or
 # Colab's Drive; what is read is fixed by data.name and the other data keys, which are still compared).
+# train.space picks among exact forms of the same math per layer (and runs from before the key have none)
 _MAY_CHANGE_ON_RESUME = ("name", "train.progress", "train.tensorboard", "train.verbose", "train.skip_nonfinite",
-                         "train.keep_checkpoints", "report.", "data.dir")
+                         "train.keep_checkpoints", "train.space", "report.", "data.dir")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -534,6 +534,7 @@ BAD_CONFIGS = [   # (overrides of quickstart, the message must contain this)
     ({"init_from": os.path.join(ROOT, "README.md")},
      "README.md': not the params.msgpack of a finished run (ExtraData"),
     ({"seed": -1}, "seed=-1 must be a non-negative integer"),
+    ({"train.space": "weights"}, "train.space='weights' is not one of: auto, activation"),
     ({"reparam.data_init": True}, "reparam.data_init=True needs a plain weight_norm transform to initialize; "
                                   "reparam.transform='none'"),
     ({"optimizer.warmup_steps": 100}, "optimizer.warmup_steps: 100 must be < total_steps=6"),
@@ -620,6 +621,20 @@ def test_rerun_with_another_config_is_refused_and_a_changed_display_flag_is_not(
   shutil.copytree(finished_run, workdir)
   result = train.train_and_evaluate(set_keys(ref_config(), {"train.verbose": True, "name": "renamed"}), workdir)
   assert result == results.read_json(os.path.join(finished_run, "result.json"))
+
+
+def test_a_run_from_before_train_space_and_another_space_resume(finished_run, tmp_path):
+  """`train.space` came after runs that have no such key in their config.json: they resume, and so does a run
+  under the other space (it picks among exact forms of the same math)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  path = os.path.join(workdir, "config.json")
+  old = results.read_json(path)
+  del old["train"]["space"]
+  results.write_json(path, old)
+  for space in ("auto", "activation"):
+    assert train.train_and_evaluate(set_keys(ref_config(), {"train.space": space}), workdir) == results.read_json(
+        os.path.join(finished_run, "result.json"))
 
 
 def test_moved_data_resumes_a_run_and_a_finished_sweep_and_real_changes_are_still_refused(finished_run, tmp_path):

@@ -179,3 +179,22 @@ def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
   stacked = [np.stack(xs) for xs in zip(*seeds)]
   got = jax.jit(jax.vmap(train.nonfinite_leaves))(stacked)
   assert got.tolist() == [[False] * 6, [False] * 4 + [True, False], [False] * 6]
+
+
+def test_train_space_reaches_the_fast_path(monkeypatch):
+  """`--config.train.space` is what the training step's forward passes to `reparam.apply`."""
+  import jax
+  from experiments import setup
+  seen, real = [], reparam.apply
+
+  def recording(*args, space, **kwargs):
+    seen.append(space)
+    return real(*args, space=space, **kwargs)
+  monkeypatch.setattr(reparam, "apply", recording)
+  for space in ("auto", "activation"):
+    c = tiny(quickstart.get_config())
+    c.train.space, c.reparam.transform = space, "weight_norm"
+    s = setup.build(c)
+    logits, _ = s.forward(s.rparams, s.collections, s.dataset.batch(0, 8, 0)["x"], False, jax.random.key(0))
+    assert np.isfinite(np.asarray(logits)).all()
+  assert seen == ["auto", "activation"]
