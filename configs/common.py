@@ -75,7 +75,7 @@ def base(name: str) -> ml_collections.ConfigDict:
       steps=200, log_every=20, eval_every=100, checkpoint_every=100, diagnostics_every=50,
       keep_checkpoints=2, skip_nonfinite=False, fast_path=True, progress=True, tensorboard=True,
       verbose=False,
-      space="auto",      # the fast path's choice per layer: "auto" (off CPU, weight space where cheaper) or "activation"
+      space="auto",      # fast path per layer: "auto" (off CPU, weight space where cheaper) or "activation"
   ))
   c.report = ml_collections.ConfigDict(dict(
       metric="eval_loss", mode="min",                    # what ranks configurations and picks the best lr
