@@ -428,14 +428,20 @@ def print_seeds(r: dict) -> None:
         f"{np.median(e['vmapped']):.1f} | {r['end_to_end_throughput_ratio']:.2f} | ≥ 2 |")
 
 
+def print_peak(dtype: str, peak: dict) -> None:
+  """The rates MFU divides by (`matmul_peak_flops` of a run)."""
+  print(f"{dtype} matmul, measured: {peak['measured'] / 1e12:.2f} TFLOP/s"
+        + (f"; datasheet bf16 peak {peak['datasheet'] / 1e12:.1f}" if peak.get("datasheet") else "")
+        + ". MFU % = the LM's model FLOPs (`model_flops`) per second over the measured rate (over the datasheet's)")
+
+
 def report(path: str) -> None:
   """The tables of a run saved with --json, the intervals and verdicts recomputed from its raw timings."""
   with open(path) as f:
     out = json.load(f)
   print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
-  if out.get("matmul_peak_flops", {}).get("measured"):
-    rate = out["matmul_peak_flops"]["measured"] / 1e12
-    print(f"{out['args'].get('dtype', 'float32')} matmul, measured: {rate:.2f} TFLOP/s")
+  if out.get("matmul_peak_flops", {}).get("measured"):        # runs saved before MFU have none
+    print_peak(out["args"].get("dtype", "float32"), out["matmul_peak_flops"])
   for r in out["regimes"]:
     judge(r)
     print_regime(r)
@@ -482,9 +488,7 @@ def main():
           "datasheet": DATASHEET_BF16_PEAK.get(dev.device_kind)}
   out["matmul_peak_flops"] = peak
   if regimes:
-    print(f"{args.dtype} matmul, measured: {peak['measured'] / 1e12:.2f} TFLOP/s"
-          + (f"; datasheet bf16 peak {peak['datasheet'] / 1e12:.1f}" if peak["datasheet"] else "")
-          + ". MFU % = the LM's model FLOPs (`model_flops`) per second over the measured rate (over the datasheet's)")
+    print_peak(args.dtype, peak)
   for d_model, batch, seq in regimes:
     r = regime(d_model, batch, seq, args, peak)
     out["regimes"].append(r)

@@ -10,7 +10,6 @@ exactly what `apply` computes.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
@@ -75,8 +74,7 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     GPU those cost more once rows > in (`Layer.activation_space_pays`, measured in docs/performance.md)."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
-    units = math.prod(layout.out_shape(w.shape))
-    layer.check_cost(units)
+    layer.check_cost(layout.fan_out(w.shape))
     w = jax.lax.stop_gradient(w)
     n = lowrank_norm(factors, w, layout, scale, eps)
     if detach_norm:

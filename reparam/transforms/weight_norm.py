@@ -10,8 +10,6 @@ The norm is float32 with an epsilon; `K'` is invariant to any positive rescaling
 """
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 
 from reparam.core import Reparam
@@ -37,8 +35,7 @@ def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> R
     """Activation space: `y = (x V) ⊙ g/‖V‖₀`; reading V for its norm is the one O(in·out) cost left."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
-    units = math.prod(layout.out_shape(w.shape))    # the activations it scales per row
-    layer.check_cost(units)
+    layer.check_cost(layout.fan_out(w.shape))      # the activations it scales per row
     return layer.scale_out(layer.base(x), factors["g"].astype(jnp.float32) / norm(w, layout, eps))
 
   return Reparam(init, apply, roles={"g": "gain"}, name="weight_norm", linear=linear)
