@@ -18,6 +18,8 @@ temporaries − donated), which is exact and has no noise. FLOPs are XLA's count
 
 Also measured: Muon against AdamW with the Newton–Schulz share of the step's FLOPs (5 iterations of
 `4·m²·n + 2·m³` per `m × n` matrix, m ≤ n), our weight norm against `flax.linen.WeightNorm` on the same kernels,
+DoRA with `remat=True` (`x K₀` computed again in the backward pass instead of kept) on every hidden kernel and on
+the MLPs' first kernels only (4·d_model wide: the largest of the kept `x K₀`),
 and the throughput of 8 seeds of the quickstart model trained as one vmapped program (`--vmap_seeds`) against 8
 runs one after the other, both per step and end to end (`train_seeds` / `train_and_evaluate`, compilation,
 evaluation and checkpoints included, with a fresh persistent compilation cache as a sweep has). Where torch
@@ -88,6 +90,7 @@ class Variant:
   """One training step to time. `ref` is a second reference besides `plain` (DoRA: LoRA; ours: flax's)."""
   name: str
   transform: Optional[reparam.Reparam] = None       # on the hidden kernels
+  rules: Optional[list] = None                       # instead: rules of one's own (a transform per layer)
   optimizer: dict = dataclasses.field(default_factory=dict)    # overrides of ADAMW
   fast: bool = True                                  # reparam.apply (activation space) or materialize
   space: str = "auto"                                # reparam.apply's choice of space where fast
@@ -117,6 +120,11 @@ def variants(rank: int) -> list[Variant]:
       Variant(f"lora r{rank}", reparam.lora(rank)),
       Variant(f"dora r{rank}", reparam.dora(rank), ref=f"lora r{rank}", target=1.10, memory_target=1.05,
               target_of=f"lora r{rank}"),
+      Variant(f"dora r{rank}, remat", reparam.dora(rank, remat=True), ref=f"lora r{rank}", target=1.10,
+              memory_target=1.05, target_of=f"lora r{rank}"),     # x K₀ computed again, not kept
+      Variant(f"dora r{rank}, remat on mlp_in", rules=[(r"block_\d+/mlp_in/kernel", reparam.dora(rank, remat=True)),
+                                                      (HIDDEN_KERNELS, reparam.dora(rank))],
+              ref=f"lora r{rank}", target=1.10, memory_target=1.05, target_of=f"lora r{rank}"),
       *([Variant(f"dora r{rank}, activation space", reparam.dora(rank), space="activation", ref=f"lora r{rank}")]
         if by_cost else []),
       Variant(f"dora r{rank}, materialized", reparam.dora(rank), fast=False, ref=f"lora r{rank}"),
@@ -218,7 +226,7 @@ def build_step(v: Variant, d_model: int, batch: int, seq: int, key, dtype=jnp.fl
     model = models.Transformer(vocab_size=VOCAB, d_model=d_model, num_heads=8, num_layers=LAYERS,
                                mlp_ratio=MLP_RATIO, dtype=dtype)
     params = model.init(key, data["x"])["params"]
-    rules = [(HIDDEN_KERNELS, v.transform)] if v.transform else []
+    rules = v.rules if v.rules is not None else [(HIDDEN_KERNELS, v.transform)] if v.transform else []
     rparams = reparam.init(rules, params, jax.random.fold_in(key, 1))
     s = types.SimpleNamespace(
         config=ml_collections.ConfigDict({"seed": 0, "train": {"log_every": 1000, "skip_nonfinite": False}}),

@@ -57,6 +57,7 @@ TRANSFORMS = {
     "lora": lambda **ax: reparam.lora(rank=2, alpha=3.0, **ax),
     "dora": lambda **ax: reparam.dora(rank=2, alpha=3.0, **ax),
     "dora_full_grad": lambda **ax: reparam.dora(rank=2, detach_norm=False, **ax),
+    "dora_remat": lambda **ax: reparam.dora(rank=2, alpha=3.0, remat=True, **ax),
     **{f"mult_{s}": (lambda s: lambda **ax: M(scalar="s" in s, row="r" in s, col="c" in s, **ax))(s)
        for s in ("s", "r", "c", "sr", "sc", "rc", "src")},     # each subset of scalar, row, col
     "dora+mult": lambda **ax: reparam.chain(reparam.dora(rank=2, **ax), M(row=True, col=True, **ax)),
@@ -396,8 +397,8 @@ def test_dora_fast_path_never_forms_the_adapted_weight():
   params = model.init(key(1), x)["params"]
   sources = {f"f32[{d_in},{rank}]", f"f32[{rank},{d_out}]"}           # A and B
   weight = {f"f32[{d_in},{d_out}]", f"f32[{d_out},{d_in}]"}
-  for detach in (True, False):
-    rules = [(r"kernel", reparam.dora(rank=rank, detach_norm=detach))]
+  for detach, remat in ((True, False), (False, False), (True, True)):
+    rules = [(r"kernel", reparam.dora(rank=rank, detach_norm=detach, remat=remat))]
     rp = jax.tree.map(lambda v: v + 0.1, reparam.init(rules, params, key(2)))
     fwd = lambda rp: jnp.sum(reparam.apply(rules, model, rp, x) ** 2)
     ref = lambda rp: jnp.sum(model.apply({"params": reparam.materialize(rules, rp)}, x) ** 2)
@@ -407,6 +408,34 @@ def test_dora_fast_path_never_forms_the_adapted_weight():
     # The check can fail: the reference path does form K₀ + sAB (and its gradient).
     assert tainted_values(jax.jit(ref).lower(rp).compile().as_text(), sources, weight)
     assert tainted_values(jax.jit(jax.grad(ref)).lower(rp).compile().as_text(), sources, weight)
+
+
+class DenseStack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(4):
+      x = jnp.tanh(nn.Dense(64)(x))
+    return x
+
+
+def test_dora_remat_keeps_no_base_output_for_the_backward():
+  # DoRA's m needs x K₀ in the backward pass: kept, one (rows × out) buffer per layer more than LoRA keeps, or,
+  # with remat, computed again. XLA's buffer assignment (no timing, no noise) in units of one such buffer.
+  model, x = DenseStack(), jax.random.normal(key(0), (512, 64))
+  params = model.init(key(1), x)["params"]
+
+  def temp_buffers(t):
+    rules = [(r".*kernel", t)]
+    rp = reparam.init(rules, params, key(2))
+    grad = jax.jit(jax.grad(lambda rp: jnp.sum(reparam.apply(rules, model, rp, x) ** 2)))
+    return grad.lower(rp).compile().memory_analysis().temp_size_in_bytes / (512 * 64 * 4)
+
+  lora = temp_buffers(reparam.lora(rank=4))
+  for detach in (True, False):
+    kept = temp_buffers(reparam.dora(rank=4, detach_norm=detach))
+    remat = temp_buffers(reparam.dora(rank=4, detach_norm=detach, remat=True))
+    assert kept - lora >= 3.5              # the 4 layers' x K₀ (the check can fail: it measures them)
+    assert kept - remat >= 3 and remat - lora <= 1.5, (lora, kept, remat)   # at most one, live in the backward
 
 
 def test_jitted_step_does_not_recompile():

@@ -41,7 +41,8 @@ def lowrank_delta(factors: dict, layout: Layout, scale: float) -> jax.Array:
   return delta if order == tuple(range(layout.ndim)) else jnp.transpose(delta, np.argsort(order))
 
 
-def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: float, out_scale=None) -> jax.Array:
+def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: float, out_scale=None,
+                   remat: bool = False) -> jax.Array:
   """`(x K₀ + s (x A) B) ⊙ out_scale` with the layer's own contraction (see `Reparam.linear`); `K₀` frozen.
 
   `x A` runs the layer with A as its kernel (a conv's window, padding and strides included), then B contracts the
@@ -49,12 +50,19 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   it costs one multiply on `x K₀` (`layer.scale_out`, whose gradient sums on a 2-D view). The rank projection is
   a 2-D (rows, rank)·(rank, units) `dot`: XLA's CPU backend ran the 3-D `tensordot` far slower (the LoRA step
   measured 0.82-0.86x plain before, 0.70x after, benchmarks/train_step.py).
+
+  `out_scale`'s gradient is a sum over rows of `x K₀` times the output's gradient, so the backward pass needs
+  `x K₀`: kept from the forward pass (rows × out per layer), or with `remat` computed again there (one more
+  rows × in × out matmul, nothing kept).
   """
+  w = jax.lax.stop_gradient(w)
   xa = layer.matmul(x, factors["A"])
-  y0 = layer.matmul(x, jax.lax.stop_gradient(w))
   b = scale * factors["B"].astype(jnp.float32)
-  if out_scale is not None:
-    b, y0 = b * out_scale, layer.scale_out(y0, out_scale)
+  if out_scale is None:
+    y0 = layer.matmul(x, w)
+  else:
+    scaled_base = lambda x, v: layer.scale_out(layer.matmul(x, w), v)
+    b, y0 = b * out_scale, (jax.checkpoint(scaled_base) if remat else scaled_base)(x, out_scale)
   rank, units = b.shape[0], b.size // b.shape[0]
   xab = jnp.dot(xa.reshape(-1, rank), b.reshape(rank, units).astype(xa.dtype))      # (rows, rank)·(rank, units)
   return y0 + xab.reshape(y0.shape)
