@@ -28,10 +28,11 @@ beside ours (benchmarks/peft_dora.py).
 
 MFU (the "MFU %" column): the LM's model FLOPs per step (`model_flops`, PaLM's count) per second, over the rate
 of a large matmul measured in the step's dtype on the same device (`matmul_peak`), and in brackets over the
-datasheet's dense bf16 peak where the device is in `DATASHEET_BF16_PEAK` (H100, H200). `--dtype bfloat16` runs
-the LM's compute in bf16 (parameters float32). Off CPU, `reparam.apply` chooses weight space on a layer whose
-activations outnumber its weight (`space="auto"`), so the table there also has rows with every activation-space
-form (`space="activation"`).
+datasheet's dense bf16 peak where the device is in `DATASHEET_BF16_PEAK` (H100, H200). Every row is credited the
+plain model's FLOPs, so MFU compares time: LoRA and DoRA skip the frozen kernels' weight gradients (a third of
+those kernels' matmuls) and can pass 100%. `--dtype bfloat16` runs the LM's compute in bf16 (parameters
+float32). Off CPU, `reparam.apply` chooses weight space on a layer whose activations outnumber its weight
+(`space="auto"`), so the table there also has rows with every activation-space form (`space="activation"`).
 
 A control row, "plain, again", is the plain step compiled a second time and timed like any variant: its ratio
 to plain (ideally 1) shows how far apart two identical programs measure in this run, the resolution of every
@@ -440,7 +441,9 @@ def print_peak(dtype: str, peak: dict) -> None:
   """The rates MFU divides by (`matmul_peak_flops` of a run)."""
   print(f"{dtype} matmul, measured: {peak['measured'] / 1e12:.2f} TFLOP/s"
         + (f"; datasheet bf16 peak {peak['datasheet'] / 1e12:.1f}" if peak.get("datasheet") else "")
-        + ". MFU % = the LM's model FLOPs (`model_flops`) per second over the measured rate (over the datasheet's)")
+        + ". MFU % = the LM's model FLOPs (`model_flops`) per second over the measured rate (over the datasheet's);"
+        " every row is credited the full model's training FLOPs, so LoRA and DoRA, which skip the frozen kernels'"
+        " gradients, can pass 100%")
 
 
 def report(path: str) -> None:
