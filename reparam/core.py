@@ -80,19 +80,22 @@ def identity() -> Reparam:
                  linear=lambda factors, w, x, layer: layer.base(x))
 
 
-def _stage_linear(t: Reparam, factors, w, layer) -> Callable[[jax.Array], jax.Array]:
+def _stage_linear(t: Reparam, factors, w, layer, name: str) -> Callable[[jax.Array], jax.Array]:
   """`x -> layer.matmul(x, t.apply(factors, w))`: `t.linear` where it has one and takes this layer, else on the
   materialized weight (`w`, the stages before materialized, then this stage), so one stage without a form here
-  does not send the others back to weight space."""
-  materialized = lambda x: layer.matmul(x, t.apply(factors, w))
-  if t.linear is None:
-    return materialized
+  does not send the later ones back to weight space. Such a stage is noted in `layer.notes` (for `explain`)."""
+  def materialized(x, why):
+    if layer.notes is not None:
+      layer.notes.append(f"stage {name} materialized, with any stages before it: {why}")
+    return layer.matmul(x, t.apply(factors, w))
 
   def stage(x):
+    if t.linear is None:
+      return materialized(x, f"{t.name} has no activation-space form")
     try:
       return t.linear(factors, w, x, layer)
-    except NoFastForm:
-      return materialized(x)
+    except NoFastForm as e:
+      return materialized(x, e)
   return stage
 
 
@@ -133,7 +136,7 @@ def chain(*transforms: Reparam) -> Reparam:
     # (their materialized output, dead code unless stage k reads it, e.g. weight norm's ‖w‖₀).
     base = layer.base
     for name, t in zip(names, transforms):
-      base = _stage_linear(t, factors[name], w, layer._replace(base=base))
+      base = _stage_linear(t, factors[name], w, layer._replace(base=base), name)
       w = t.apply(factors[name], w)
     return base(x)
 

@@ -50,7 +50,8 @@ class Layer(NamedTuple):
     scale_in: `(x, v) -> x ⊙ v`, v shaped like the kernel's input axes (for a conv: per channel, over the window);
     rows: x's rows (its size over the contracted features: tokens for a Dense); weight_size: in·out (·window);
     by_cost: whether a form that scales activations should first ask `activation_space_pays` (`check_cost`):
-      apply's space="auto" off CPU.
+      apply's space="auto" off CPU;
+    notes: where a chain records the stages it ran materialized (`explain` reports them), or None.
   """
   layout: Layout
   base: Callable[[jax.Array], jax.Array]
@@ -59,6 +60,7 @@ class Layer(NamedTuple):
   rows: int = 0
   weight_size: int = 0
   by_cost: bool = False
+  notes: Optional[list] = None
 
   def activation_space_pays(self, per_row: int) -> bool:
     """Whether scaling `per_row` activations in each of the `rows` rows costs no more than a pass over the weight.
@@ -125,7 +127,8 @@ def _scale_trailing_bwd(res, g):
 _scale_trailing.defvjp(_scale_trailing_fwd, _scale_trailing_bwd)
 
 
-def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = False) -> Layer:
+def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = False,
+             notes: Optional[list] = None) -> Layer:
   """The `Layer` of a bound Dense, DenseGeneral or Conv about to be called on `x`, with stored kernel `w`."""
   if type(module) is nn.Conv:
     if module.mask is not None or module.feature_group_count != 1:
@@ -153,10 +156,10 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
     return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in x_axes))
 
   rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
-  return Layer(layout, lambda x: matmul(x, w), matmul, scale_in, rows, w.size, by_cost)
+  return Layer(layout, lambda x: matmul(x, w), matmul, scale_in, rows, w.size, by_cost, notes)
 
 
-def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool):
+def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, notes: list):
   t, factors, w, kernel = entry
   if t.linear is None:
     raise NoFastForm(f"{t.name} has no activation-space form")
@@ -167,7 +170,7 @@ def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool):
   if len(call_args) + len(call_kwargs) != 1:
     raise NoFastForm("unexpected call arguments")
   x = jnp.asarray(call_args[0] if call_args else next(iter(call_kwargs.values())))
-  layer = layer_of(module, x, w, by_cost)
+  layer = layer_of(module, x, w, by_cost, notes)
   busy.append(module)      # the clones `layer.matmul` applies are our own calls: not to be intercepted
   try:
     y = t.linear(factors, w, x, layer)
@@ -207,14 +210,15 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
     path = "/".join((*module.path, "kernel"))
     if path not in entries:
       return next_fun(*call_args, **call_kwargs)
+    notes = []
     try:
-      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, by_cost)
+      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, by_cost, notes)
     except NoFastForm as e:
       if log is not None:
         log[path] = f"materialized: {e}"
       return next_fun(*call_args, **call_kwargs)
     if log is not None:
-      log[path] = "fast"
+      log[path] = "; ".join(["fast", *dict.fromkeys(notes)])      # a stage's base may be called twice
     return y
 
   with nn.intercept_methods(intercept):
@@ -237,7 +241,9 @@ def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[
 
 def explain(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, space: str = "auto",
             **kwargs) -> dict[str, str]:
-  """`{kernel path: "fast" | "materialized: <why>"}` for every wrapped leaf, from one abstract trace (no compute)."""
+  """`{kernel path: "fast" | "materialized: <why>"}` for every wrapped leaf, from one abstract trace (no compute);
+  a chain with a stage that ran on the materialized weight of itself and the stages before it reads
+  "fast; stage <name> materialized, with any stages before it: <why>"."""
   log = {}
   jax.eval_shape(lambda rp: _run(rules, model, rp, args, collections, kwargs, space, log), rparams)
   return log

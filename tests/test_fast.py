@@ -209,7 +209,8 @@ def test_fallbacks_are_exact_and_explained():
   assert taken["MyDense_0/kernel"].startswith("materialized: not called through")
   assert taken["Einsum_0/kernel"].startswith("materialized: not called through")
   assert taken["Dense_0/kernel"] == "materialized: square has no activation-space form"
-  assert taken["DenseGeneral_0/kernel"] == "fast"
+  assert taken["DenseGeneral_0/kernel"] == ("fast; stage square materialized, with any stages before it: square has "
+                                           "no activation-space form")
   compare(rules, model, rp, x)
 
 
@@ -251,8 +252,15 @@ def test_auto_space_in_chains_is_per_stage(name, monkeypatch):
   rules = rules_for("dense", TRANSFORMS[name])
   model, _, rp = setup("dense", rules)
   x = jax.random.normal(key(3), (64, 9))            # far past every crossover: 64 rows of 9 + 12 features
-  assert set(fast.explain(rules, model, rp, x).values()) == {"fast"}
+  # The last stage falls back here, on the weight the stages before it materialized: explain names it.
+  last = {"lora": [], "dora+mult": ["multipliers"], "mult+dora": ["dora"], "weight_norm+mult": ["multipliers"],
+          "mult+weight_norm": ["weight_norm"]}[name]
+  for path, taken in fast.explain(rules, model, rp, x).items():
+    assert taken.split("; ")[0] == "fast", (path, taken)
+    assert re.findall(r"stage (\w+) materialized, with any stages before it: weight space is cheaper", taken) == last
   compare(rules, model, rp, x)
+  monkeypatch.undo()                                  # on CPU every stage keeps its form
+  assert set(fast.explain(rules, model, rp, x).values()) == {"fast"}
 
 
 def test_unknown_space_is_refused_before_any_compute():
