@@ -55,9 +55,9 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     remat: in activation space (`reparam.apply`), compute `x K₀` again in the backward pass, where m's gradient
       needs it, instead of keeping it from the forward pass: (rows × out) less activation memory per layer for
       one more (rows × in × out) matmul. Same values and gradients either way; per layer through the rules.
-      Measured on the benchmark LM, 2 CPU cores (docs/performance.md), DoRA's step against LoRA's: at 4096
-      tokens peak memory 1.108x -> 0.984x, time 1.05x -> 1.14x (remat on the MLPs' first kernels only: 1.025x,
-      1.03x); at 128 tokens 1.077x -> 0.998x, 1.20x -> 1.45x.
+      Measured on the benchmark LM, 2 CPU cores (docs/performance.md, three runs), DoRA's step against LoRA's:
+      at 4096 tokens peak memory 1.108x -> 0.984x, time 1.03-1.05x -> 1.14-1.17x (remat on the MLPs' first
+      kernels only: 1.025x, 1.03-1.07x); at 128 tokens 1.077x -> 0.998x, 1.13-1.20x -> 1.39-1.45x.
   """
   scale = 1.0 if alpha is None else alpha / rank
 
