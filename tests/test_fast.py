@@ -419,31 +419,58 @@ def test_dora_fast_path_never_forms_the_adapted_weight():
 
 
 class DenseStack(nn.Module):
+  activation: callable = jnp.tanh
+
   @nn.compact
   def __call__(self, x):
     for _ in range(4):
-      x = jnp.tanh(nn.Dense(64)(x))
+      x = self.activation(nn.Dense(64)(x))
     return x
 
 
-def test_dora_remat_keeps_no_base_output_for_the_backward():
-  # DoRA's m needs x K₀ in the backward pass: kept, one (rows × out) buffer per layer more than LoRA keeps, or,
-  # with remat, computed again. XLA's buffer assignment (no timing, no noise) in units of one such buffer.
-  model, x = DenseStack(), jax.random.normal(key(0), (512, 64))
-  params = model.init(key(1), x)["params"]
+def kept_buffers(model, t, rows=512, width=64):
+  """Temporary memory of the jitted gradient, in units of one (rows × width) float32 buffer: XLA's buffer
+  assignment (no timing, no noise)."""
+  x = jax.random.normal(key(0), (rows, width))
+  rules = [(r".*kernel", t)]
+  rp = reparam.init(rules, model.init(key(1), x)["params"], key(2))
+  grad = jax.jit(jax.grad(lambda rp: jnp.sum(reparam.apply(rules, model, rp, x) ** 2)))
+  return grad.lower(rp).compile().memory_analysis().temp_size_in_bytes / (rows * width * 4)
 
-  def temp_buffers(t):
-    rules = [(r".*kernel", t)]
-    rp = reparam.init(rules, params, key(2))
-    grad = jax.jit(jax.grad(lambda rp: jnp.sum(reparam.apply(rules, model, rp, x) ** 2)))
-    return grad.lower(rp).compile().memory_analysis().temp_size_in_bytes / (512 * 64 * 4)
 
-  lora = temp_buffers(reparam.lora(rank=4))
-  for detach in (True, False):
-    kept = temp_buffers(reparam.dora(rank=4, detach_norm=detach))
-    remat = temp_buffers(reparam.dora(rank=4, detach_norm=detach, remat=True))
-    assert kept - lora >= 3.5              # the 4 layers' x K₀ (the check can fail: it measures them)
-    assert kept - remat >= 3 and remat - lora <= 1.5, (lora, kept, remat)   # at most one, live in the backward
+@pytest.mark.parametrize("detach", [True, False])
+def test_dora_keeps_its_output_for_m_and_remat_keeps_nothing(detach):
+  # m's gradient needs x K₀: DoRA reads it back from the layer's output y, which it keeps, one (rows × out)
+  # buffer per layer. tanh's backward keeps tanh's output, not y, so here y is kept for DoRA alone; with remat
+  # x K₀ is computed again and nothing is kept.
+  lora = kept_buffers(DenseStack(), reparam.lora(rank=4))
+  kept = kept_buffers(DenseStack(), reparam.dora(rank=4, detach_norm=detach))
+  remat = kept_buffers(DenseStack(), reparam.dora(rank=4, detach_norm=detach, remat=True))
+  assert kept - lora >= 3.5              # the 4 layers' outputs (the check can fail: it measures them)
+  assert kept - remat >= 3 and remat - lora <= 1.5, (lora, kept, remat)   # at most one, live in the backward
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_dora_shares_its_kept_output_with_the_next_layer(detach):
+  # GELU's backward keeps its input, which is DoRA's output y: one buffer serves both, and DoRA keeps no more
+  # than LoRA. Keeping x K₀ instead (autodiff's choice) held one buffer more than LoRA here.
+  model = DenseStack(nn.gelu)
+  lora = kept_buffers(model, reparam.lora(rank=4))
+  dora = kept_buffers(model, reparam.dora(rank=4, detach_norm=detach))
+  assert dora - lora <= 0.5, (lora, dora)
+
+
+@pytest.mark.parametrize("name", ["dora", "dora_full_grad"])
+def test_dora_unit_with_zero_magnitude_still_gets_its_gradient(name):
+  # The backward pass reads x K₀ off the output, y = (m/n)·(...): at m = 0 exactly a unit's output holds nothing
+  # of it, so the fast form scales such a unit by reparam.transforms.lora.TINY instead of 0.
+  model, x = MLP(), jax.random.normal(key(0), (5, 9))
+  rules = [(r".*kernel", TRANSFORMS[name]())]
+  rp = jax.tree.map(lambda v: v + 0.1, reparam.init(rules, model.init(key(1), x)["params"], key(2)))
+  rp["Dense_0"]["kernel"]["m"] = rp["Dense_0"]["kernel"]["m"].at[3].set(0.0).at[5].set(-0.0)
+  compare(rules, model, rp, x)
+  g = jax.grad(lambda rp: loss_of(reparam.apply(rules, model, rp, x)))(rp)["Dense_0"]["kernel"]["m"]
+  assert abs(float(g[3])) > 1e-3 and abs(float(g[5])) > 1e-3, g
 
 
 def test_jitted_step_does_not_recompile():

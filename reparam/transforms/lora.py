@@ -47,25 +47,77 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
 
   `x A` runs the layer with A as its kernel (a conv's window, padding and strides included), then B contracts the
   trailing rank axis (a 1×1 projection). A per-output-unit `out_scale` (DoRA's m/n) is folded into B, so that
-  it costs one multiply on `x K₀` (`layer.scale_out`, whose gradient sums on a 2-D view). The rank projection is
-  a 2-D (rows, rank)·(rank, units) `dot`: XLA's CPU backend ran the 3-D `tensordot` far slower (the LoRA step
-  measured 0.82-0.86x plain before, 0.70x after, benchmarks/train_step.py).
+  it costs one multiply on `x K₀`. The rank projection is a 2-D (rows, rank)·(rank, units) `dot`: XLA's CPU
+  backend ran the 3-D `tensordot` far slower (the LoRA step measured 0.82-0.86x plain before, 0.70x after,
+  benchmarks/train_step.py).
 
-  `out_scale`'s gradient is a sum over rows of `x K₀` times the output's gradient, so the backward pass needs
-  `x K₀`: kept from the forward pass (rows × out per layer), or with `remat` computed again there (one more
-  rows × in × out matmul, nothing kept).
+  `out_scale`'s gradient is a sum over rows of `x K₀` times the output's gradient. The backward pass gets
+  `x K₀` back from the layer's output (`_scaled_lowrank`), which the next layer usually keeps anyway (a GELU's
+  or attention's input), or, with `remat`, computes it again (one more rows × in × out matmul, nothing kept).
   """
   w = jax.lax.stop_gradient(w)
   xa = layer.matmul(x, factors["A"])
   b = scale * factors["B"].astype(jnp.float32)
   if out_scale is None:
-    y0 = layer.matmul(x, w)
-  else:
+    return _plus_rank_product(layer.matmul(x, w), xa, b)
+  if remat:
     scaled_base = lambda x, v: layer.scale_out(layer.matmul(x, w), v)
-    b, y0 = b * out_scale, (jax.checkpoint(scaled_base) if remat else scaled_base)(x, out_scale)
+    return _plus_rank_product(jax.checkpoint(scaled_base)(x, out_scale), xa, b * out_scale)
+  return _scaled_lowrank(layer.matmul, x, w, xa, b * out_scale, out_scale)
+
+
+def _plus_rank_product(y0: jax.Array, xa: jax.Array, b: jax.Array) -> jax.Array:
+  """`y0 + (x A) b`, the rank axis contracted as a 2-D (rows, rank)·(rank, units) `dot`."""
   rank, units = b.shape[0], b.size // b.shape[0]
-  xab = jnp.dot(xa.reshape(-1, rank), b.reshape(rank, units).astype(xa.dtype))      # (rows, rank)·(rank, units)
+  xab = jnp.dot(xa.reshape(-1, rank), b.reshape(rank, units).astype(xa.dtype))
   return y0 + xab.reshape(y0.shape)
+
+
+# A scale this small in magnitude is applied as ±TINY, so that `x K₀` can be read back from the output (below).
+TINY = 1e-30
+
+
+def _scaled_lowrank(matmul, x: jax.Array, w: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) -> jax.Array:
+  """`y = (x K₀) ⊙ v + (x A) b` (`b` = s·B ⊙ v already), whose backward pass keeps the output y, not `x K₀`.
+
+  v's gradient, Σ_rows g ⊙ x K₀, is read off y: Σ_rows g ⊙ y = v ⊙ Σ_rows g ⊙ x K₀ + Σ_k b_k ⊙ ((x A)ᵀ g)_k,
+  and `(x A)ᵀ g` is B's gradient, computed anyway. So the backward keeps y (rows × out) where autodiff would keep
+  `x K₀` (as large), and the next layer mostly keeps y itself (a GELU's input, attention's queries), so XLA holds
+  one buffer for both: DoRA's peak memory on the benchmark LM went from 1.077x / 1.108x LoRA's to
+  1.035x / 1.041x (128 / 4096 tokens), at the same time. Dividing by v needs v ≠ 0: a unit with |m/n| < TINY
+  (m = 0 set by hand) is scaled by ±TINY instead of v, a change of TINY times its unscaled output, and its m
+  still gets its gradient. The output is in the matmul's dtype (what the layer returns), the sums in float32.
+  """
+  units, rank = v.size, b.shape[0]
+  x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+  def forward(w, xa, b, v, x):
+    y0 = matmul(x, w)
+    v_safe = jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY), v).astype(jnp.float32)
+    return _plus_rank_product(y0 * v_safe, xa, b).astype(y0.dtype), v_safe
+
+  @jax.custom_vjp
+  def scaled(w, xa, b, v, x):
+    return forward(w, xa, b, v, x)[0]
+
+  def scaled_fwd(w, xa, b, v, x):
+    y, v_safe = forward(w, xa, b, v, x)
+    return y, (w, xa, b, v_safe, y)
+
+  def scaled_bwd(res, g):
+    w, xa, b, v_safe, y = res
+    g2, xa2, b2, v1 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units), v_safe.reshape(units)
+    g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32)
+    g_xa = jnp.dot(g2, b2.T.astype(g2.dtype))
+    g_y = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0)
+    g_v = (g_y - jnp.sum(b2 * g_b, axis=0)) / v1
+    transpose = jax.linear_transpose(lambda x: matmul(x, w), x_aval)      # x ↦ x K₀ is linear: no x needed
+    g_x, = transpose((g2 * v1).reshape(g.shape).astype(g.dtype))
+    return (None, g_xa.reshape(xa.shape).astype(xa.dtype), g_b.reshape(b.shape).astype(b.dtype),
+            g_v.reshape(v.shape).astype(v.dtype), g_x)
+
+  scaled.defvjp(scaled_fwd, scaled_bwd)
+  return scaled(w, xa, b, v, x)
 
 
 def lora(rank: int, alpha: Optional[float] = None, in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
