@@ -63,7 +63,7 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   if remat:
     scaled_base = lambda x, v: layer.scale_out(layer.matmul(x, w), v)
     return _plus_rank_product(jax.checkpoint(scaled_base)(x, out_scale), xa, b * out_scale)
-  return _scaled_lowrank(layer.matmul, x, w, xa, b * out_scale, out_scale)
+  return _scaled_lowrank(layer.matmul(x, w), xa, b * out_scale, out_scale)
 
 
 def _plus_rank_product(y0: jax.Array, xa: jax.Array, b: jax.Array) -> jax.Array:
@@ -77,47 +77,41 @@ def _plus_rank_product(y0: jax.Array, xa: jax.Array, b: jax.Array) -> jax.Array:
 TINY = 1e-30
 
 
-def _scaled_lowrank(matmul, x: jax.Array, w: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) -> jax.Array:
-  """`y = (x K₀) ⊙ v + (x A) b` (`b` = s·B ⊙ v already), whose backward pass keeps the output y, not `x K₀`.
+@jax.custom_vjp
+def _scaled_lowrank(y0: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) -> jax.Array:
+  """`y = y0 ⊙ v + (x A) b` (`y0 = x K₀`, `b` = s·B ⊙ v already), whose backward pass keeps y, not `y0`.
 
-  v's gradient, Σ_rows g ⊙ x K₀, is read off y: Σ_rows g ⊙ y = v ⊙ Σ_rows g ⊙ x K₀ + Σ_k b_k ⊙ ((x A)ᵀ g)_k,
-  and `(x A)ᵀ g` is B's gradient, computed anyway. So the backward keeps y (rows × out) where autodiff would keep
-  `x K₀` (as large), and the next layer mostly keeps y itself (a GELU's input, attention's queries), so XLA holds
+  v's gradient, Σ_rows g ⊙ y0, is read off y: Σ_rows g ⊙ y = v ⊙ Σ_rows g ⊙ y0 + Σ_k b_k ⊙ ((x A)ᵀ g)_k, and
+  `(x A)ᵀ g` is B's gradient, computed anyway. So the backward keeps y (rows × out) where autodiff would keep
+  `y0` (as large), and the next layer mostly keeps y itself (a GELU's input, attention's queries), so XLA holds
   one buffer for both: DoRA's peak memory on the benchmark LM went from 1.077x / 1.108x LoRA's to
   1.035x / 1.041x (128 / 4096 tokens), at the same time. Dividing by v needs v ≠ 0: a unit with |m/n| < TINY
   (m = 0 set by hand) is scaled by ±TINY instead of v, a change of TINY times its unscaled output, and its m
-  still gets its gradient. The output is in the matmul's dtype (what the layer returns), the sums in float32.
+  still gets its gradient. The output is in y0's dtype (what the layer returns), the sums in float32.
   """
-  units, rank = v.size, b.shape[0]
-  x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return _scaled_lowrank_fwd(y0, xa, b, v)[0]
 
-  def forward(w, xa, b, v, x):
-    y0 = matmul(x, w)
-    v_safe = jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY), v).astype(jnp.float32)
-    return _plus_rank_product(y0 * v_safe, xa, b).astype(y0.dtype), v_safe
 
-  @jax.custom_vjp
-  def scaled(w, xa, b, v, x):
-    return forward(w, xa, b, v, x)[0]
+def _scaled_lowrank_fwd(y0, xa, b, v):
+  v_safe = jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY).astype(v.dtype), v)
+  y = _plus_rank_product(y0 * v_safe.astype(jnp.float32), xa, b).astype(y0.dtype)
+  return y, (xa, b, v_safe, y)
 
-  def scaled_fwd(w, xa, b, v, x):
-    y, v_safe = forward(w, xa, b, v, x)
-    return y, (w, xa, b, v_safe, y)
 
-  def scaled_bwd(res, g):
-    w, xa, b, v_safe, y = res
-    g2, xa2, b2, v1 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units), v_safe.reshape(units)
-    g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32)
-    g_xa = jnp.dot(g2, b2.T.astype(g2.dtype))
-    g_y = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0)
-    g_v = (g_y - jnp.sum(b2 * g_b, axis=0)) / v1
-    transpose = jax.linear_transpose(lambda x: matmul(x, w), x_aval)      # x ↦ x K₀ is linear: no x needed
-    g_x, = transpose((g2 * v1).reshape(g.shape).astype(g.dtype))
-    return (None, g_xa.reshape(xa.shape).astype(xa.dtype), g_b.reshape(b.shape).astype(b.dtype),
-            g_v.reshape(v.shape).astype(v.dtype), g_x)
+def _scaled_lowrank_bwd(res, g):
+  xa, b, v_safe, y = res
+  rank, units = b.shape[0], b.size // b.shape[0]
+  g2, xa2, b2 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units)
+  v1 = v_safe.reshape(units).astype(jnp.float32)
+  g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32)      # B's gradient, as in LoRA
+  g_xa = jnp.dot(g2, b2.T.astype(g2.dtype))
+  g_y = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0)
+  g_v = (g_y - jnp.sum(b2 * g_b, axis=0)) / v1                                          # Σ_rows g ⊙ y0
+  return ((g2 * v1).reshape(g.shape).astype(g.dtype), g_xa.reshape(xa.shape).astype(xa.dtype),
+          g_b.reshape(b.shape).astype(b.dtype), g_v.reshape(v_safe.shape).astype(v_safe.dtype))
 
-  scaled.defvjp(scaled_fwd, scaled_bwd)
-  return scaled(w, xa, b, v, x)
+
+_scaled_lowrank.defvjp(_scaled_lowrank_fwd, _scaled_lowrank_bwd)
 
 
 def lora(rank: int, alpha: Optional[float] = None, in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
