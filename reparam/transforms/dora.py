@@ -52,12 +52,14 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     detach_norm: stop the gradient through the column norm `n` (paper §4.3).
     eps: added in quadrature to every norm.
     in_axes, out_axes: the kernel's input and output axes (see `reparam.layout`).
-    remat: in activation space (`reparam.apply`), compute `x K₀` again in the backward pass, where m's gradient
-      needs it, instead of keeping it from the forward pass: (rows × out) less activation memory per layer for
-      one more (rows × in × out) matmul. Same values and gradients either way; per layer through the rules.
-      Measured on the benchmark LM, 2 CPU cores (docs/performance.md, three runs), DoRA's step against LoRA's:
-      at 4096 tokens peak memory 1.108x -> 0.984x, time 1.03-1.05x -> 1.14-1.17x (remat on the MLPs' first
-      kernels only: 1.025x, 1.03-1.07x); at 128 tokens 1.077x -> 0.998x, 1.13-1.20x -> 1.39-1.45x.
+    remat: in activation space (`reparam.apply`), m's gradient needs `x K₀`. By default it is read back from the
+      layer's output, which is then kept for the backward pass: free where the next layer keeps that output
+      anyway (a GELU's input, attention's queries), (rows × out) per layer where it does not (before a residual
+      add). With `remat=True`, `x K₀` is computed again in the backward pass instead (one more rows × in × out
+      matmul) and nothing is kept. Same values and gradients either way; it can be chosen per layer through the
+      rules. Measured on the benchmark LM, 2 CPU cores (docs/performance.md), DoRA's step against LoRA's at 128 /
+      4096 tokens: peak memory 1.036x / 1.041x by default, 0.998x / 0.984x with remat, which costs 1.39-1.45x /
+      1.14-1.17x LoRA's time where the default costs 1.08-1.16x / 1.03-1.05x.
   """
   scale = 1.0 if alpha is None else alpha / rank
 
