@@ -58,8 +58,8 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
       add). With `remat=True`, `x K₀` is computed again in the backward pass instead (one more rows × in × out
       matmul) and nothing is kept. Same values and gradients either way; it can be chosen per layer through the
       rules. Measured on the benchmark LM, 2 CPU cores (docs/performance.md), DoRA's step against LoRA's at 128 /
-      4096 tokens: peak memory 1.036x / 1.041x by default, 0.998x / 0.984x with remat, which costs 1.39-1.45x /
-      1.14-1.17x LoRA's time where the default costs 1.08-1.16x / 1.03-1.05x.
+      4096 tokens: peak memory 1.036x / 1.041x by default, 0.998x / 0.984x with remat, which costs 1.39-1.48x /
+      1.14-1.17x LoRA's time where the default costs 1.08-1.12x / 0.96-1.07x (side-by-side runs).
   """
   scale = 1.0 if alpha is None else alpha / rank
 
