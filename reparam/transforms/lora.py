@@ -85,7 +85,7 @@ def _scaled_lowrank(y0: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) ->
   `(x A)ᵀ g` is B's gradient, computed anyway. So the backward keeps y (rows × out) where autodiff would keep
   `y0` (as large), and the next layer mostly keeps y itself (a GELU's input, attention's queries), so XLA holds
   one buffer for both: DoRA's peak memory on the benchmark LM went from 1.077x / 1.108x LoRA's to
-  1.035x / 1.041x (128 / 4096 tokens), at the same time. Dividing by v needs v ≠ 0: a unit with |m/n| < TINY
+  1.036x / 1.041x (128 / 4096 tokens), at the same time. Dividing by v needs v ≠ 0: a unit with |m/n| < TINY
   (m = 0 set by hand) is scaled by ±TINY instead of v, a change of TINY times its unscaled output, and its m
   still gets its gradient. The output is in y0's dtype (what the layer returns), the sums in float32.
   """
