@@ -52,8 +52,8 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   benchmarks/train_step.py).
 
   `out_scale`'s gradient is a sum over rows of `x K₀` times the output's gradient. The backward pass gets
-  `x K₀` back from the layer's output (`_scaled_lowrank`), which the next layer usually keeps anyway (a GELU's
-  or attention's input), or, with `remat`, computes it again (one more rows × in × out matmul, nothing kept).
+  `x K₀` back from the layer's output (`_scaled_lowrank`), which the next layer may keep anyway (a GELU's
+  input), or, with `remat`, computes it again (one more rows × in × out matmul, nothing kept).
   """
   w = jax.lax.stop_gradient(w)
   xa = layer.matmul(x, factors["A"])
@@ -83,11 +83,11 @@ def _scaled_lowrank(y0: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) ->
 
   v's gradient, Σ_rows g ⊙ y0, is read off y: Σ_rows g ⊙ y = v ⊙ Σ_rows g ⊙ y0 + Σ_k b_k ⊙ ((x A)ᵀ g)_k, and
   `(x A)ᵀ g` is B's gradient, computed anyway. So the backward keeps y (rows × out) where autodiff would keep
-  `y0` (as large), and the next layer mostly keeps y itself (a GELU's input, attention's queries), so XLA holds
-  one buffer for both: DoRA's peak memory on the benchmark LM went from 1.077x / 1.108x LoRA's to
-  1.036x / 1.041x (128 / 4096 tokens), at the same time. Dividing by v needs v ≠ 0: a unit with |m/n| < TINY
-  (m = 0 set by hand) is scaled by ±TINY instead of v, a change of TINY times its unscaled output, and its m
-  still gets its gradient. The output is in y0's dtype (what the layer returns), the sums in float32.
+  `y0` (as large), and where the next layer keeps y itself (a GELU's input) XLA holds one buffer for both:
+  DoRA's peak memory on the benchmark LM went from 1.077x / 1.108x LoRA's to 1.036x / 1.041x (128 / 4096
+  tokens), at the same time. Dividing by v needs v ≠ 0: a unit with |m/n| < TINY (m = 0 set by hand) is
+  scaled by ±TINY instead of v, a change of TINY times its unscaled output, and its m still gets its gradient.
+  The output is in y0's dtype (what the layer returns), the sums in float32.
   """
   return _scaled_lowrank_fwd(y0, xa, b, v)[0]
 
