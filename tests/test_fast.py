@@ -111,6 +111,11 @@ def compare(rules, model, rp, x, rtol=1e-5, collections=None, **kwargs):
 
   (g_fast, fast_out), (g_ref, ref_out) = out_and_grad(fast_fn), out_and_grad(ref_fn)
   np.testing.assert_allclose(fast_out, ref_out, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(ref_out))))
+  assert_grads_close(g_fast, g_ref, rtol)
+
+
+def assert_grads_close(g_fast, g_ref, rtol):
+  """Leaf by leaf, with an absolute tolerance relative to the largest reference gradient."""
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_fast), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=reparam.core.path_str(path))
@@ -370,9 +375,7 @@ def test_vmapped_over_seeds():
   grad_of = lambda apply: jax.jit(jax.vmap(jax.grad(lambda rp: loss_of(apply(rp)))))
   g_fast = grad_of(lambda rp: reparam.apply(rules, model, rp, x))(stacked)
   g_ref = grad_of(lambda rp: model.apply({"params": reparam.materialize(rules, rp)}, x))(stacked)
-  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
-  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+  assert_grads_close(g_fast, g_ref, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- DoRA never forms K₀ + sAB
