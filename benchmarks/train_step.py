@@ -20,10 +20,10 @@ Also measured: Muon against AdamW with the Newton–Schulz share of the step's F
 `4·m²·n + 2·m³` per `m × n` matrix, m ≤ n), our weight norm against `flax.linen.WeightNorm` on the same kernels,
 DoRA with `remat=True` (`x K₀` computed again in the backward pass instead of read back from the kept output),
 and the throughput of 8 seeds of the quickstart model trained as one vmapped program (`--vmap_seeds`) against 8
-runs one after the other, both per step and end to end (`train_seeds` / `train_and_evaluate`, compilation,
-evaluation and checkpoints included, with a fresh persistent compilation cache as a sweep has). Where torch
-and peft are installed (`pip install -e ".[peft]"`), peft's DoRA/LoRA step ratio on the same shapes is printed
-beside ours (benchmarks/peft_dora.py).
+runs one after the other, both per step and end to end (`--seeds_runs` whole runs of each way, in alternating
+order: `train_seeds` / `train_and_evaluate`, compilation, evaluation and checkpoints included, with a fresh
+persistent compilation cache as a sweep has). Where torch and peft are installed (`pip install -e ".[peft]"`),
+peft's DoRA/LoRA step ratio on the same shapes is printed beside ours (benchmarks/peft_dora.py).
 
 MFU (the "MFU %" column): the LM's model FLOPs per step (`model_flops`, PaLM's count) per second, over the rate
 of a large matmul measured in the step's dtype on the same device (`matmul_peak`), and in brackets over the
@@ -365,8 +365,9 @@ def print_regime(r: dict) -> None:
 
 # --------------------------------------------------------------------------------------- seeds: vmap or not
 
-def seeds_throughput(n_seeds: int, steps: int, rounds: int, calls: int) -> dict:
-  """8 seeds of the quickstart model: one vmapped program against one run after another."""
+def seeds_throughput(n_seeds: int, steps: int, rounds: int, calls: int, runs: int) -> dict:
+  """8 seeds of the quickstart model: one vmapped program against one run after another, per step (`rounds`
+  interleaved samples) and end to end (`runs` pairs of whole runs, in alternating order)."""
   from configs import quickstart
   config = quickstart.get_config(f"steps={steps}")
   config.train.update(progress=False, tensorboard=False)
@@ -413,12 +414,14 @@ def seeds_throughput(n_seeds: int, steps: int, rounds: int, calls: int) -> dict:
     return elapsed
 
   e2e = {"sequential": [], "vmapped": []}
-  for i in range(max(1, rounds // 10)):
+  for i in range(max(1, runs)):
     for mode in (("sequential", "vmapped") if i % 2 == 0 else ("vmapped", "sequential")):
       e2e[mode].append(end_to_end(mode == "vmapped"))
+  pairs = np.array(e2e["sequential"]) / np.array(e2e["vmapped"])   # each pair ran back to back: its own ratio
   return {"seeds": n_seeds, "steps": steps, "step_ms": {k: 1e3 * float(np.median(v)) for k, v in times.items()},
           "step_throughput_ratio": step_ratio, "end_to_end_s": e2e,
-          "end_to_end_throughput_ratio": float(np.median(e2e["sequential"]) / np.median(e2e["vmapped"]))}
+          "end_to_end_throughput_ratio": float(np.median(e2e["sequential"]) / np.median(e2e["vmapped"])),
+          "end_to_end_pair_ratios": pairs.tolist()}
 
 
 def print_seeds(r: dict) -> None:
@@ -427,9 +430,11 @@ def print_seeds(r: dict) -> None:
   print("|---|---|---|---|---|")
   print(f"| one training step of all seeds (ms) | {r['step_ms']['sequential']:.2f} | {r['step_ms']['vmapped']:.2f} | "
         f"{r['step_throughput_ratio']:.2f} | ≥ 2 |")
-  e = r["end_to_end_s"]
-  print(f"| {r['seeds']} runs of {r['steps']} steps, end to end (s) | {np.median(e['sequential']):.1f} | "
-        f"{np.median(e['vmapped']):.1f} | {r['end_to_end_throughput_ratio']:.2f} | ≥ 2 |")
+  e, pairs = r["end_to_end_s"], r.get("end_to_end_pair_ratios")      # runs saved before the pairs have none
+  spread = f" (pairs: {min(pairs):.2f}–{max(pairs):.2f})" if pairs and len(pairs) > 1 else ""
+  print(f"| {r['seeds']} runs of {r['steps']} steps, end to end (s), {len(e['vmapped'])} of each | "
+        f"{np.median(e['sequential']):.1f} | {np.median(e['vmapped']):.1f} | "
+        f"{r['end_to_end_throughput_ratio']:.2f}{spread} | ≥ 2 |")
 
 
 def print_peak(dtype: str, peak: dict) -> None:
@@ -470,6 +475,8 @@ def main():
   ap.add_argument("--only", default="", help="regex: time only the variants it matches (and their references)")
   ap.add_argument("--seeds", type=int, default=8, help="seeds for the vmap comparison (0: skip it)")
   ap.add_argument("--seeds_steps", type=int, default=300, help="steps of each end-to-end quickstart run")
+  ap.add_argument("--seeds_runs", type=int, default=5,
+                  help="end-to-end runs of each way (~10 s a pair on 2 CPU cores), in alternating order")
   ap.add_argument("--peft", action="store_true", help="also time peft's LoRA and DoRA (needs torch and peft)")
   ap.add_argument("--json", default=None, help="write every number (and the raw timings) here")
   ap.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run again (no timing)")
@@ -501,7 +508,7 @@ def main():
     print_regime(r)
     save(out, args.json)
   if args.seeds:
-    out["seeds"] = seeds_throughput(args.seeds, args.seeds_steps, args.rounds, args.calls)
+    out["seeds"] = seeds_throughput(args.seeds, args.seeds_steps, args.rounds, args.calls, args.seeds_runs)
     print_seeds(out["seeds"])
     save(out, args.json)
   if args.peft:

@@ -162,3 +162,18 @@ def test_a_target_is_judged_on_the_interval_of_its_ratio(ratios, memory, verdict
   assert row["verdict"] == verdict
   lo, hi = row["x_ci"]
   assert lo == pytest.approx(sorted(ratios)[5]) and hi == pytest.approx(sorted(ratios)[14])
+
+
+def test_the_seeds_section_times_both_ways_and_pairs_whole_runs(tmp_path, monkeypatch, capsys):
+  """The vmapped-seeds comparison on a tiny scale: per-step samples of both ways, and `--seeds_runs` whole runs
+  of each way whose pairwise ratios are those of the saved times."""
+  out = tmp_path / "bench.json"
+  monkeypatch.setattr(sys, "argv", ["train_step.py", "--regime", "none", "--seeds", "2", "--seeds_steps", "3",
+                                    "--seeds_runs", "2", "--rounds", "2", "--calls", "1", "--json", str(out)])
+  train_step.main()
+  seeds = json.loads(out.read_text())["seeds"]
+  e2e = seeds["end_to_end_s"]
+  assert len(e2e["sequential"]) == len(e2e["vmapped"]) == 2 and min(e2e["sequential"] + e2e["vmapped"]) > 0
+  np.testing.assert_allclose(seeds["end_to_end_pair_ratios"], np.divide(e2e["sequential"], e2e["vmapped"]))
+  assert seeds["step_ms"]["sequential"] > 0 and seeds["step_ms"]["vmapped"] > 0
+  assert "2 runs of 3 steps, end to end (s), 2 of each" in capsys.readouterr().out
