@@ -364,14 +364,16 @@ def test_zero_norm_units_are_finite(name):
   compare(rules, model, rp, x)
 
 
-def test_vmapped_over_seeds():
-  rules = rules_for("transformer", TRANSFORMS["dora+mult"])
+@pytest.mark.parametrize("name", ["dora+mult", "weight_norm"])
+def test_vmapped_over_seeds(name):
+  rules = rules_for("transformer", TRANSFORMS[name])
   model, x, rp = setup("transformer", rules)
   stacked = jax.tree.map(lambda v: jnp.stack([v, 1.1 * v]), rp)
   f = jax.vmap(lambda rp: reparam.apply(rules, model, rp, x))
   g = jax.vmap(lambda rp: model.apply({"params": reparam.materialize(rules, rp)}, x))
   np.testing.assert_allclose(jax.jit(f)(stacked), jax.jit(g)(stacked), rtol=1e-5, atol=1e-5)
-  # and the gradients (--vmap_seeds trains this way; DoRA's and the scalings' backward passes are custom VJPs)
+  # and the gradients (--vmap_seeds trains this way; the backward passes of DoRA, weight norm and the
+  # scalings are custom VJPs)
   grad_of = lambda apply: jax.jit(jax.vmap(jax.grad(lambda rp: loss_of(apply(rp)))))
   g_fast = grad_of(lambda rp: reparam.apply(rules, model, rp, x))(stacked)
   g_ref = grad_of(lambda rp: model.apply({"params": reparam.materialize(rules, rp)}, x))(stacked)

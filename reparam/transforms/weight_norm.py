@@ -10,10 +10,13 @@ The norm is float32 with an epsilon; `K'` is invariant to any positive rescaling
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from reparam.core import Reparam
-from reparam.layout import Axes, expand, norm, resolve
+from reparam.layout import Axes, Layout, expand, norm, resolve
 
 
 def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
@@ -36,9 +39,43 @@ def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> R
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
     layer.check_cost(layout.fan_out(w.shape))      # the activations it scales per row
-    return layer.scale_out(layer.base(x), factors["g"].astype(jnp.float32) / norm(w, layout, eps))
+    return _normalized_scale(layer.base(x), w, factors["g"], layout, eps)
 
   return Reparam(init, apply, roles={"g": "gain"}, name="weight_norm", linear=linear)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _normalized_scale(y0: jax.Array, w: jax.Array, g: jax.Array, layout: Layout, eps: float) -> jax.Array:
+  """`y = y0 ⊙ s`, `s = g/n`, `n = ‖w‖₀` (y0 = x w, whose trailing axes are w's outputs), with its backward
+  pass written out. With `t = Σ_rows G ⊙ y0` (G: y's gradient, one sum on the 2-D view):
+
+      ∂y0 = G ⊙ s,    ∂g = t/n,    ∂w = −(t·s/n²) ⊙ w     (∂n = −t·g/n², ∂n/∂w = w/n)
+
+  Autodiff gets the same numbers from `g / norm(w)` with about ten more small kernels per layer than the plain
+  layer's (XLA CPU profile: divisions, the norm's chain rule, broadcasts), each a launch and a wait in a step of
+  ~30 ms at 128 tokens. Written out, on the benchmark LM at 128 tokens (d_model 512, 2 CPU cores, 40 rounds side
+  by side): 1.088x the plain step against autodiff's 1.135x (docs/performance.md). ∂w is added to the gradient
+  w gets through `x w`."""
+  return _normalized_scale_fwd(y0, w, g, layout, eps)[0]
+
+
+def _normalized_scale_fwd(y0, w, g, layout, eps):
+  n = norm(w, layout, eps)
+  s = g.astype(jnp.float32) / n
+  return y0 * s, (y0, w, n, s, g)
+
+
+def _normalized_scale_bwd(layout, eps, res, grad):
+  y0, w, n, s, g = res
+  units = n.size
+  t = jnp.sum(grad.reshape(-1, units).astype(jnp.float32) * y0.reshape(-1, units).astype(jnp.float32),
+              axis=0).reshape(n.shape)
+  c = -(t * s) / (n * n)
+  return ((grad * s).astype(y0.dtype), (w * expand(c, layout, layout.outputs)).astype(w.dtype),
+          (t / n).astype(g.dtype))
+
+
+_normalized_scale.defvjp(_normalized_scale_fwd, _normalized_scale_bwd)
 
 
 def data_dependent_init(rules, model, rparams, *args, init_scale: float = 1.0, eps: float = 1e-6,
