@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -123,13 +124,9 @@ def evaluate(s: Setup, state: dict, mesh, seeds: Optional["SeedEval"] = None) ->
   eval_step = seeds.eval_step if seeds else s.eval_step
   step = int(np.ravel(state["step"])[0])
   totals = np.zeros((seeds.n if seeds else 1, 3))
-  for batch in s.dataset.eval_batches(s.config.data.eval_batch_size, step=step):
-    n = len(batch["y"])
-    pad = (-n) % (jax.device_count() * jax.process_count())   # every device gets an equal share
-    batch = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) for k, v in batch.items()}
-    batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  for batch in _eval_batches(s, mesh, step):
     loss, acc, w = (np.ravel(np.asarray(a, np.float64))
-                    for a in jax.device_get(eval_step(params, state["collections"], _put_batch(batch, mesh))))
+                    for a in jax.device_get(eval_step(params, state["collections"], batch)))
     totals += np.stack([loss * w, acc * w, w], axis=1)
   outs = []
   for loss_sum, acc_sum, weight in totals:
@@ -142,6 +139,36 @@ def evaluate(s: Setup, state: dict, mesh, seeds: Optional["SeedEval"] = None) ->
   return outs if seeds else outs[0]
 
 
+def _eval_batches(s: Setup, mesh, step: int) -> Iterator[dict]:
+  """The eval split as `evaluate` feeds it: padded so every device gets an equal share, masked, sharded."""
+  for batch in s.dataset.eval_batches(s.config.data.eval_batch_size, step=step):
+    n = len(batch["y"])
+    pad = (-n) % (jax.device_count() * jax.process_count())
+    batch = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) for k, v in batch.items()}
+    batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    yield _put_batch(batch, mesh)
+
+
+def compile_ahead(programs: list[tuple[Callable, Callable[[], tuple]]]) -> threading.Thread:
+  """Compiles each `(jitted function, args())` on a background thread, into the function's own cache.
+
+  XLA releases the GIL while it compiles, so on a host with two or more cores the evaluation and diagnostics
+  programs compile while the main thread compiles the training step, instead of one after the other at their
+  first use: about 0.7 s of a ~5.5 s vmapped quickstart run (benchmarks/train_step.py, the seeds' section). A
+  warm-up only: should a program fail here, its first real call compiles it, and raises, as it would have.
+  Join the thread before the programs' first use (two threads compiling one program would both compile it)."""
+  def run():
+    for fn, args in programs:
+      try:
+        fn.lower(*args()).compile()
+      except Exception:  # noqa: BLE001 -- see the docstring: the real call reports it
+        pass
+
+  thread = threading.Thread(target=run, name="compile_ahead", daemon=True)
+  thread.start()
+  return thread
+
+
 class SeedEval(NamedTuple):
   """`evaluate`'s program for n stacked seeds: `rparams, collections, batch -> (loss, accuracy, weight)` with
   the merge inside, vmapped over the seed axis (the batch is the same for every seed)."""
@@ -150,8 +177,9 @@ class SeedEval(NamedTuple):
 
 
 def seed_eval(s: Setup, n: int) -> SeedEval:
-  merged = lambda rp, collections, batch: s.eval_step(reparam.merge(s.rules, rp), collections, batch)
-  return SeedEval(n, jax.jit(jax.vmap(merged, in_axes=(0, 0, None))))
+  def eval_step_of_seeds(rp, collections, batch):
+    return s.eval_step(reparam.merge(s.rules, rp), collections, batch)
+  return SeedEval(n, jax.jit(jax.vmap(eval_step_of_seeds, in_axes=(0, 0, None))))
 
 
 def _check_finite(counters: dict, paths: list[str], workdir: str, last_ckpt: int) -> None:
@@ -243,13 +271,14 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
 
   step_fn = jax.jit(jax.vmap(make_train_step(s)) if stacked else make_train_step(s), donate_argnums=0)
   seed_evaluator = seed_eval(s, n) if stacked else None
-  # All seeds' diagnostics in one vmapped program; W₀ for the magnitude/direction analysis, stacked like them.
+  # All seeds' diagnostics in one program; W₀ for the magnitude/direction analysis, stacked like them.
   stats_fn = functools.partial(diagnostics.layer_stats, s.rules)
-  diag_fn = jax.jit(jax.vmap(stats_fn) if stacked else stats_fn)
+  diag_fn = jax.jit(_map_seeds(stats_fn) if stacked else stats_fn)
   base = [reparam.merge(s.rules, r.setup.rparams) for r in runs]
   base = jax.device_put(_stack(base), NamedSharding(mesh, P())) if stacked else base[0]   # sent once, not per call
   seed_of = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if stacked else (lambda tree, i: tree)
   leaf_paths = list(reparam.flatten(s.rparams))                    # what the state's `bad_leaves` flags are of
+  ahead = compile_ahead(_later_programs(s, state, mesh, seed_evaluator, diag_fn, base))
   t0, rows = time.time(), [{} for _ in runs]
   if start == tcfg.steps:    # stopped after the last checkpoint, before result.json: its final row is logged
     for i, run in enumerate(runs):
@@ -268,6 +297,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     if not (diag_due or log_due or eval_due or ckpt_due):
       bar.update(1)
       continue
+    ahead.join()
     # Host reads once for all seeds (each device_get is a sync): the counters and finiteness flags, the
     # evaluation (one vmapped program), and for a checkpoint the whole state, sliced per seed on the host. Only
     # the diagnostics need per-seed device arrays, and only of the parameters.
@@ -306,6 +336,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
       bar.set_postfix({k: f"{v:.4g}" for k, v in rows[0].items() if k in ("train_loss", "eval_accuracy")})
     bar.update(1)
   bar.close()
+  ahead.join()
   finals = []
   host = jax.device_get(state)     # each seed's slice on the host: its final parameters and step
   for i, (run, row) in enumerate(zip(runs, rows)):
@@ -314,6 +345,54 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     row = row or evaluate(s, st, mesh)
     finals.append(_finish(run, st, {k: v for k, v in row.items() if k != "steps_per_sec"}))
   return finals
+
+
+def _map_seeds(stats_fn: Callable) -> Callable:
+  """`stats_fn` over stacked seeds, one seed after another (`lax.map`), not vmapped.
+
+  The diagnostics' top singular values are LAPACK calls (`jnp.linalg.svd`). Vmapped, each becomes one batched
+  call, and jaxlib 0.10's LAPACK kernels split a batch over XLA's intra-op thread pool and wait for it from a
+  thread of that same pool: two such calls running at once on a 2-core machine (two pool threads) wait for each
+  other forever. Measured: 3 or more vmapped seeds of the quickstart MLP under weight norm hung at their first
+  diagnostics, and ran once XLA's YNNPACK fusions were off (which changed the schedule) or the seeds mapped.
+  Mapped, every call is unbatched, as in a single run, which has never hung."""
+  def layer_stats_of_seeds(*stacked):
+    return jax.lax.map(lambda args: stats_fn(*args), stacked)
+  return layer_stats_of_seeds
+
+
+def _later_programs(s: Setup, state: dict, mesh, seeds: Optional[SeedEval], diag_fn, base) -> list:
+  """The evaluation and diagnostics programs of a run, each with a thunk of arguments shaped (and sharded) as its
+  calls' will be: abstract, since the training step donates the state they are taken from."""
+  rparams, collections = _abstract(state["rparams"]), _abstract(state["collections"])
+  step = int(np.ravel(state["step"])[0])
+  programs = []
+  if s.config.train.diagnostics_every:
+    programs.append((diag_fn, lambda: (rparams, rparams, base)))
+  if seeds:
+    params = rparams
+  else:      # `evaluate` merges first; merge's outputs are replicated as the state is
+    params = _abstract(jax.eval_shape(functools.partial(reparam.merge, s.rules), rparams), NamedSharding(mesh, P()))
+  batches = functools.cache(lambda: _eval_batch_shapes(s, mesh, step))     # read on the thread, once
+  for i in range(2):        # a full batch, and a shorter last one if the eval split has one
+    programs.append((seeds.eval_step if seeds else s.eval_step, lambda i=i: (params, collections, batches()[i])))
+  return programs
+
+
+def _eval_batch_shapes(s: Setup, mesh, step: int) -> list[dict]:
+  """Abstract batches of both sizes `evaluate` feeds (a full one, then the remainder), or of the one size."""
+  first = next(_eval_batches(s, mesh, step))
+  size, n = s.config.data.eval_batch_size, s.dataset.eval_size
+  devices = jax.device_count() * jax.process_count()
+  rows = [min(size, n), n % size or min(size, n)]
+  return [{k: jax.ShapeDtypeStruct((m + (-m) % devices, *v.shape[1:]), v.dtype, sharding=v.sharding)
+           for k, v in first.items()} for m in rows]
+
+
+def _abstract(tree, sharding=None):
+  """Shapes, dtypes and shardings of the arrays of `tree` (or `sharding` for all of them)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding,
+                                                     weak_type=x.weak_type), tree)
 
 
 _FAULT_HITS: dict[str, int] = {}

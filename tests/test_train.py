@@ -198,3 +198,66 @@ def test_train_space_reaches_the_fast_path(monkeypatch):
     logits, _ = s.forward(s.rparams, s.collections, s.dataset.batch(0, 8, 0)["x"], False, jax.random.key(0))
     assert np.isfinite(np.asarray(logits)).all()
   assert seen == ["auto", "activation"]
+
+
+# ------------------------------------------------------------------------------------------ compilation
+
+def test_init_compiled_at_level_1_gives_the_default_bits():
+  """`setup.INIT_COMPILER_OPTIONS` compiles the model's init faster; its parameters must be bit for bit those
+  of XLA's default optimization level (the MLP of the quickstart, the CNN of the weight-norm paper)."""
+  import jax
+  from configs import weight_norm
+  from experiments import setup
+  for config in (quickstart.get_config(), weight_norm.get_config("smoke=True")):
+    s = setup.build(config)
+    x = s.dataset.batch(0, 2, 0)["x"]
+    init = lambda k, x: s.model.init({"params": k, "dropout": k}, x, train=False)
+    outs = [jax.jit(init, compiler_options=opts)(jax.random.key(3), x) for opts in (None, setup.INIT_COMPILER_OPTIONS)]
+    for a, b in zip(*(jax.tree.leaves(o) for o in outs)):
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
+def test_eval_and_diagnostics_compile_once_ahead_of_their_first_use(tmp_path):
+  """`train.compile_ahead` compiles the evaluation and diagnostics programs while the step compiles; their first
+  real calls must find them compiled (a warm-up shaped or sharded otherwise would compile each twice): one
+  compilation of each program in a run, for one seed and for a vmapped group of two. The eval split (297 digits
+  in batches of 16) ends with a shorter batch: a second eval program, also compiled ahead."""
+  import jax
+  compiled = []
+
+  def listener(event, duration, fun_name=None, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(fun_name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    configs = [tiny(quickstart.get_config(), steps=3) for _ in range(3)]
+    configs[2].seed = 1
+    train.train_and_evaluate(configs[0], str(tmp_path / "one"))
+    assert [compiled.count(f"jit({f})") for f in ("step_fn", "eval_step", "layer_stats")] == [1, 2, 1], compiled
+    compiled.clear()
+    train.train_seeds(configs[1:], [str(tmp_path / "a"), str(tmp_path / "b")])
+    names = ("step_fn", "eval_step_of_seeds", "layer_stats_of_seeds")
+    assert [compiled.count(f"jit({f})") for f in names] == [1, 2, 1], compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_four_vmapped_seeds_under_weight_norm_finish(tmp_path):
+  """Four vmapped seeds of the quickstart MLP under weight norm, diagnostics at every step. On the 2-core test
+  machine this hung for ever at the first diagnostics when they were vmapped (jaxlib's batched SVDs waited on
+  XLA's thread pool from inside it; see `train._map_seeds`). In a subprocess with a time limit, so that a hang
+  fails this test rather than stalling the suite."""
+  code = (
+      "import sys; from configs import quickstart; from experiments import train\n"
+      "cs = [quickstart.get_config('steps=3') for _ in range(4)]\n"
+      "for i, c in enumerate(cs):\n"
+      "  c.seed = i; c.reparam.transform = 'weight_norm'\n"
+      "  c.train.update(diagnostics_every=1, progress=False, tensorboard=False)\n"
+      "train.train_seeds(cs, [sys.argv[1] + f'/{i}' for i in range(4)])\n")
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                 check=True, timeout=300, capture_output=True)
+  for i in range(4):
+    rows = results.read_jsonl(str(tmp_path / str(i) / "diagnostics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    sigmas = [v for r in rows for k, v in r.items() if k.endswith("/sigma_max")]
+    assert len(sigmas) == 3 * 3 and np.isfinite(sigmas).all() and min(sigmas) > 0
