@@ -177,3 +177,38 @@ def test_the_seeds_section_times_both_ways_and_pairs_whole_runs(tmp_path, monkey
   np.testing.assert_allclose(seeds["end_to_end_pair_ratios"], np.divide(e2e["sequential"], e2e["vmapped"]))
   assert seeds["step_ms"]["sequential"] > 0 and seeds["step_ms"]["vmapped"] > 0
   assert "2 runs of 3 steps, end to end (s), 2 of each" in capsys.readouterr().out
+
+
+def test_hlo_traffic_counts_kernels_and_the_bytes_they_read_and_write(monkeypatch, capsys):
+  """`hlo_traffic.traffic` on a module whose numbers are known by hand (a tuple-valued fusion read through
+  get-tuple-element, a dot, free parameters and bitcasts), on today's compiled text, and the script end to end."""
+  from benchmarks import hlo_traffic
+  text = """HloModule m
+
+%fused { ... }
+
+ENTRY %main.1 (p: f32[1000], q: f32[10,20]) -> f32[10,30] {
+  %p = f32[1000]{0} parameter(0)
+  %q = f32[10,20]{1,0} parameter(1)
+  %fusion.1 = (f32[1000]{0}, s32[4]{0}) fusion(%p), kind=kLoop, calls=%fused
+  %get-tuple-element.2 = f32[1000]{0} get-tuple-element(%fusion.1), index=0
+  %bitcast.3 = f32[20,50]{1,0} bitcast(%get-tuple-element.2)
+  %dot.4 = f32[10,50]{1,0} dot(%q, %bitcast.3), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %slice.5 = f32[10,30]{1,0} slice(%dot.4), slice={[0:10], [0:30]}
+}
+"""
+  fusion = 4000 + 4000 + 16                    # reads p, writes both outputs
+  dot = 800 + 4000 + 2000                      # reads q and the bitcast, writes 10 x 50
+  assert hlo_traffic.traffic(text) == {"kernels": 3, "bytes": fusion + dot + 2000 + 1200}
+  compiled = jax.jit(lambda a, b: jnp.dot(a, b) * 2).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+  got = hlo_traffic.traffic(compiled.as_text())
+  assert got["kernels"] >= 1 and got["bytes"] >= (64 * 32 + 32 * 16 + 64 * 16) * 4
+
+  monkeypatch.setattr(sys, "argv", ["hlo_traffic.py", "--regime", "32,1,8", "--only", "^nap$"])
+  hlo_traffic.main()
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+  cells = [[c.strip() for c in r.strip("| ").split(" | ")] for r in rows]
+  assert [c[0] for c in cells] == ["variant", "plain", "nap"]
+  plain, nap = cells[1], cells[2]
+  assert plain[2] == "+0" and plain[5] == "+0.0"
+  assert int(nap[1]) > int(plain[1]) and float(nap[5]) > 0      # the projection's norms and rescaling
