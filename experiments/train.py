@@ -154,9 +154,10 @@ def compile_ahead(programs: list[tuple[Callable, Callable[[], tuple]]]) -> threa
 
   XLA releases the GIL while it compiles, so on a host with two or more cores the evaluation and diagnostics
   programs compile while the main thread compiles the training step, instead of one after the other at their
-  first use: about 0.7 s of a ~5.5 s vmapped quickstart run (benchmarks/train_step.py, the seeds' section). A
-  warm-up only: should a program fail here, its first real call compiles it, and raises, as it would have.
-  Join the thread before the programs' first use (two threads compiling one program would both compile it)."""
+  first use (in a vmapped 8-seed quickstart run they took 0.3 and 0.4 s to compile; with the init compiled at
+  `setup.INIT_COMPILER_OPTIONS`, such runs went from 4.97 to 4.56 s, docs/performance.md). A warm-up only:
+  should a program fail here, its first real call compiles it, and raises, as it would have. Join the thread
+  before the programs' first use (two threads compiling one program would both compile it)."""
   def run():
     for fn, args in programs:
       try:
@@ -355,7 +356,7 @@ def _map_seeds(stats_fn: Callable) -> Callable:
   thread of that same pool: two such calls running at once on a 2-core machine (two pool threads) wait for each
   other forever. Measured: 3 or more vmapped seeds of the quickstart MLP under weight norm hung at their first
   diagnostics, and ran once XLA's YNNPACK fusions were off (which changed the schedule) or the seeds mapped.
-  Mapped, every call is unbatched, as in a single run, which has never hung."""
+  Mapped, every call is unbatched, as in a single run (none of which hung here)."""
   def layer_stats_of_seeds(*stacked):
     return jax.lax.map(lambda args: stats_fn(*args), stacked)
   return layer_stats_of_seeds
