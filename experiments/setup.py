@@ -24,8 +24,9 @@ from experiments import data, models
 from reparam.transforms.weight_norm import data_dependent_init
 
 # The model's init runs once per run, yet at XLA's default optimization level its unrolled random-number
-# kernels took ~1 s to compile (a fifth of a vmapped 8-seed quickstart run). At level 1 every config's model
-# compiled 1.4-3x faster here, to the same bits (tests/test_train.py checks the quickstart MLP and a CNN).
+# kernels took ~1 s to compile on CPU (a fifth of a vmapped 8-seed quickstart run). At level 1 every config's
+# model compiled 1.4-3x faster here, to the same bits (tests/test_train.py checks the quickstart MLP and a CNN).
+# Measured on CPU only: on an accelerator the init keeps XLA's defaults.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
@@ -192,7 +193,8 @@ def build(config, like: Setup | None = None) -> Setup:
     model = models.make(config.model, dataset)
     def init_variables(k, x):
       return model.init({"params": k, "dropout": k}, x, train=False)
-    init_fn = jax.jit(init_variables, compiler_options=INIT_COMPILER_OPTIONS)
+    on_cpu = jax.default_backend() == "cpu"
+    init_fn = jax.jit(init_variables, compiler_options=INIT_COMPILER_OPTIONS if on_cpu else None)
   else:
     rules, dataset, model, init_fn = like.rules, like.dataset, like.model, like.init_fn
   key = jax.random.key(config.seed)
