@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
+import reparam  # noqa: E402
 import train_step  # noqa: E402
 
 _ARRAY = re.compile(r"\b(pred|[su](?:8|16|32|64)|f16|bf16|f32|f64|c64|c128)\[([\d,]*)\]")
@@ -82,9 +83,8 @@ def main() -> None:
     step = train_step.build_step(v, d_model, batch, seq, key)
     rows[v.name] = traffic(step.run.as_text())
     if v.name == "plain":      # one pass over the 12 wrapped hidden kernels, float32
-      leaves = jax.tree_util.tree_flatten_with_path(step.state["rparams"])[0]
-      weights = sum(x.size * 4 for p, x in leaves if re.fullmatch(
-          train_step.HIDDEN_KERNELS, "/".join(str(getattr(k, "key", k)) for k in p)))
+      weights = sum(x.size * 4 for path, x in reparam.flatten(step.state["rparams"]).items()
+                    if re.fullmatch(train_step.HIDDEN_KERNELS, path))
   plain = rows["plain"]
   print(f"### compiled training step, d_model {d_model}, {batch * seq} tokens: top-level kernels and traffic\n")
   print(f"one pass over the 12 hidden kernels = {weights / 2**20:.1f} MiB\n")

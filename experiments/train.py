@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -143,27 +143,34 @@ def _eval_batches(s: Setup, mesh, step: int) -> Iterator[dict]:
   """The eval split as `evaluate` feeds it: padded so every device gets an equal share, masked, sharded."""
   for batch in s.dataset.eval_batches(s.config.data.eval_batch_size, step=step):
     n = len(batch["y"])
-    pad = (-n) % (jax.device_count() * jax.process_count())
+    pad = _padded(n) - n
     batch = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) for k, v in batch.items()}
     batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     yield _put_batch(batch, mesh)
 
 
-def compile_ahead(programs: list[tuple[Callable, Callable[[], tuple]]]) -> threading.Thread:
-  """Compiles each `(jitted function, args())` on a background thread, into the function's own cache.
+def _padded(rows: int) -> int:
+  """An eval batch's rows padded up so that every device gets an equal share."""
+  return rows + (-rows) % (jax.device_count() * jax.process_count())
+
+
+def compile_ahead(programs: Callable[[], Iterable[tuple[Callable, tuple]]]) -> threading.Thread:
+  """Compiles each `(jitted function, args)` that `programs()` yields on a background thread, into the
+  function's own cache.
 
   XLA releases the GIL while it compiles, so on a host with two or more cores the evaluation and diagnostics
   programs compile while the main thread compiles the training step, instead of one after the other at their
   first use (in a vmapped 8-seed quickstart run they took 0.3 and 0.4 s to compile; with the init compiled at
   `setup.INIT_COMPILER_OPTIONS`, such runs went from 4.97 to 4.56 s, docs/performance.md). A warm-up only:
-  should a program fail here, its first real call compiles it, and raises, as it would have. Join the thread
-  before the programs' first use (two threads compiling one program would both compile it)."""
+  should anything fail here, the programs not compiled yet compile at their first real call, which raises as
+  it would have. Join the thread before the programs' first use (two threads compiling one program would both
+  compile it)."""
   def run():
-    for fn, args in programs:
-      try:
-        fn.lower(*args()).compile()
-      except Exception:  # noqa: BLE001 -- see the docstring: the real call reports it
-        pass
+    try:
+      for fn, args in programs():
+        fn.lower(*args).compile()
+    except Exception:  # noqa: BLE001 -- see the docstring: the real call reports it
+      pass
 
   thread = threading.Thread(target=run, name="compile_ahead", daemon=True)
   thread.start()
@@ -362,31 +369,32 @@ def _map_seeds(stats_fn: Callable) -> Callable:
   return layer_stats_of_seeds
 
 
-def _later_programs(s: Setup, state: dict, mesh, seeds: Optional[SeedEval], diag_fn, base) -> list:
-  """The evaluation and diagnostics programs of a run, each with a thunk of arguments shaped (and sharded) as its
-  calls' will be: abstract, since the training step donates the state they are taken from."""
+def _later_programs(s: Setup, state: dict, mesh, seeds: Optional[SeedEval], diag_fn, base) -> Callable:
+  """The evaluation and diagnostics programs of a run with arguments shaped (and sharded) as their calls' will
+  be, as a generator for `compile_ahead`'s thread. The state is made abstract here, on the caller's thread:
+  the training step donates it."""
   rparams, collections = _abstract(state["rparams"]), _abstract(state["collections"])
   step = int(np.ravel(state["step"])[0])
-  programs = []
-  if s.config.train.diagnostics_every:
-    programs.append((diag_fn, lambda: (rparams, rparams, base)))
-  if seeds:
-    params = rparams
-  else:      # `evaluate` merges first; merge's outputs are replicated as the state is
-    params = _abstract(jax.eval_shape(functools.partial(reparam.merge, s.rules), rparams), NamedSharding(mesh, P()))
-  batches = functools.cache(lambda: _eval_batch_shapes(s, mesh, step))     # read on the thread, once
-  for i in range(2):        # a full batch, and a shorter last one if the eval split has one
-    programs.append((seeds.eval_step if seeds else s.eval_step, lambda i=i: (params, collections, batches()[i])))
+
+  def programs():
+    if s.config.train.diagnostics_every:
+      yield diag_fn, (rparams, rparams, base)
+    if seeds:
+      eval_step, params = seeds.eval_step, rparams
+    else:      # `evaluate` merges first; merge's outputs are replicated as the state is
+      merged = jax.eval_shape(functools.partial(reparam.merge, s.rules), rparams)
+      eval_step, params = s.eval_step, _abstract(merged, NamedSharding(mesh, P()))
+    for batch in _eval_batch_shapes(s, mesh, step):
+      yield eval_step, (params, collections, batch)
   return programs
 
 
 def _eval_batch_shapes(s: Setup, mesh, step: int) -> list[dict]:
-  """Abstract batches of both sizes `evaluate` feeds (a full one, then the remainder), or of the one size."""
+  """Abstract batches of each size `evaluate` feeds: a full one, and a shorter last one if the split has one."""
   first = next(_eval_batches(s, mesh, step))
   size, n = s.config.data.eval_batch_size, s.dataset.eval_size
-  devices = jax.device_count() * jax.process_count()
-  rows = [min(size, n), n % size or min(size, n)]
-  return [{k: jax.ShapeDtypeStruct((m + (-m) % devices, *v.shape[1:]), v.dtype, sharding=v.sharding)
+  rows = dict.fromkeys([min(size, n), n % size or min(size, n)])
+  return [{k: jax.ShapeDtypeStruct((_padded(m), *v.shape[1:]), v.dtype, sharding=v.sharding)
            for k, v in first.items()} for m in rows]
 
 
