@@ -99,8 +99,8 @@ def test_roles_tree(setup):
   rp = reparam.init(RULES, params, jax.random.key(2))
   r = reparam.roles(RULES, rp)
   assert jax.tree.structure(r) == jax.tree.structure(rp)
-  assert r["Dense_0"]["kernel"] == {"w": "frozen", "dora": {"A": "lowrank", "B": "lowrank", "m": "gain"},
-                                    "multipliers": {"row": "multiplier"}}
+  assert r["Dense_0"]["kernel"] == {"w": "frozen", "multipliers": {"row": "multiplier"},
+                                    "dora": {"A": "lowrank", "B": "lowrank", "m": "gain", "k0_sq": "frozen"}}
   assert r["Conv_0"] == {"kernel": {"w": "matrix", "g": "gain"}, "bias": "bias"}
   assert r["LayerNorm_0"] == {"scale": "norm", "bias": "norm"}
   assert r["head"] == {"kernel": "head", "bias": "bias"}

@@ -84,13 +84,22 @@ def key(seed):
 
 
 def setup(model_name, rules, seed=0):
-  """Model, input, and rparams moved away from init (LoRA's B = 0 would hide most of the math)."""
+  """Model, input, and rparams moved away from init (LoRA's B = 0 would hide most of the math).
+
+  The weights are moved before `reparam.init` and the trained leaves after it (`moved`)."""
   cls, make_x = MODELS[model_name]
   model, x = cls(), make_x(key(seed))
-  params = model.init(key(seed + 1), x)["params"]
-  rp = reparam.init(rules, params, key(seed + 2))
   rng = np.random.default_rng(seed)
-  return model, x, jax.tree.map(lambda v: v + 0.3 * rng.standard_normal(v.shape, np.float32), rp)
+  move = lambda v: v + 0.3 * rng.standard_normal(v.shape, np.float32)
+  params = jax.tree.map(move, model.init(key(seed + 1), x)["params"])
+  rp = reparam.init(rules, params, key(seed + 2))
+  return model, x, moved(rules, rp, move)
+
+
+def moved(rules, rp, f):
+  """`f` applied to every leaf but the frozen ones: a frozen K₀ (and the stages before a LoRA/DoRA) stays what
+  `reparam.init` saw, as in training, where DoRA's cached ‖K₀‖₀² (`k0_sq`) depends on it."""
+  return jax.tree.map(lambda v, role: v if role == "frozen" else f(v), rp, reparam.roles(rules, rp))
 
 
 def loss_of(out):
@@ -184,7 +193,7 @@ def test_dense_general_contracting_a_middle_axis(name):
   rules = [(r".*kernel", TRANSFORMS[name]())]
   model, x = MiddleAxis(), jax.random.normal(key(0), (2, 4, 3))
   rp = reparam.init(rules, model.init(key(1), x)["params"], key(2))
-  rp = jax.tree.map(lambda v: v + 0.3 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), rp)
+  rp = moved(rules, rp, lambda v: v + 0.3 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)))
   assert fast.explain(rules, model, rp, x) == {"DenseGeneral_0/kernel": "fast"}
   compare(rules, model, rp, x)
 
@@ -209,7 +218,7 @@ def test_fallbacks_are_exact_and_explained():
   model = Odd()
   x = jax.random.normal(key(0), (2, 6, 6, 4))
   rp = reparam.init(rules, model.init(key(1), x)["params"], key(2))
-  rp = jax.tree.map(lambda v: v + 0.3, rp)
+  rp = jax.tree.map(lambda v: v + 0.3, rp)   # Conv_0's DoRA runs materialized: its k0_sq is not read
   taken = fast.explain(rules, model, rp, x)
   assert taken["Conv_0/kernel"] == "materialized: masked or grouped convolution"
   assert taken["MyDense_0/kernel"].startswith("materialized: not called through")
@@ -294,7 +303,7 @@ class Lifted(nn.Module):
 def test_lifted_transforms_fall_back():
   model, x = Lifted(), jax.random.normal(key(0), (4, 6))
   rules = [(r".*kernel", reparam.chain(reparam.dora(rank=2), reparam.multipliers(row=True)))]
-  rp = jax.tree.map(lambda v: v + 0.2, reparam.init(rules, model.init(key(1), x)["params"], key(2)))
+  rp = moved(rules, reparam.init(rules, model.init(key(1), x)["params"], key(2)), lambda v: v + 0.2)
   taken = fast.explain(rules, model, rp, x)
   assert len(taken) == 2 and all("lifted transform" in v for v in taken.values()), taken
   compare(rules, model, rp, x)
@@ -321,7 +330,7 @@ def test_mutable_collections_and_kwargs_pass_through():
   model, x = BN(), jax.random.normal(key(0), (8, 5))
   variables = model.init(key(1), x)
   rules = [(r".*kernel", reparam.chain(reparam.dora(rank=2), reparam.multipliers(row=True)))]
-  rp = jax.tree.map(lambda v: v + 0.2, reparam.init(rules, variables["params"], key(2)))
+  rp = moved(rules, reparam.init(rules, variables["params"], key(2)), lambda v: v + 0.2)
   stats = {"batch_stats": variables["batch_stats"]}
   y, new = reparam.apply(rules, model, rp, x, collections=stats, mutable=["batch_stats"])
   y_ref, new_ref = model.apply({"params": reparam.materialize(rules, rp), **stats}, x, mutable=["batch_stats"])
@@ -344,7 +353,7 @@ def test_bf16_inputs_and_compute_dtype(name):
   dense = nn.Dense(6, dtype=jnp.bfloat16)                          # bfloat16 compute
   p = dense.init(key(0), xb[:, 0, 0])["params"]
   r2 = [(r"kernel", TRANSFORMS[name]())]
-  rp2 = jax.tree.map(lambda v: v + 0.1, reparam.init(r2, p, key(1)))
+  rp2 = moved(r2, reparam.init(r2, p, key(1)), lambda v: v + 0.1)
   out, ref = reparam.apply(r2, dense, rp2, xb[:, 0, 0]), dense.apply({"params": reparam.materialize(r2, rp2)},
                                                                       xb[:, 0, 0])
   assert out.dtype == ref.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
@@ -368,7 +377,7 @@ def test_zero_norm_units_are_finite(name):
 def test_vmapped_over_seeds(name):
   rules = rules_for("transformer", TRANSFORMS[name])
   model, x, rp = setup("transformer", rules)
-  stacked = jax.tree.map(lambda v: jnp.stack([v, 1.1 * v]), rp)
+  stacked = jax.tree.map(lambda v, w: jnp.stack([v, w]), rp, moved(rules, rp, lambda v: 1.1 * v))
   f = jax.vmap(lambda rp: reparam.apply(rules, model, rp, x))
   g = jax.vmap(lambda rp: model.apply({"params": reparam.materialize(rules, rp)}, x))
   np.testing.assert_allclose(jax.jit(f)(stacked), jax.jit(g)(stacked), rtol=1e-5, atol=1e-5)
@@ -420,7 +429,7 @@ def test_dora_fast_path_never_forms_the_adapted_weight():
   weight = {f"f32[{d_in},{d_out}]", f"f32[{d_out},{d_in}]"}
   for detach, remat in ((True, False), (False, False), (True, True)):
     rules = [(r"kernel", reparam.dora(rank=rank, detach_norm=detach, remat=remat))]
-    rp = jax.tree.map(lambda v: v + 0.1, reparam.init(rules, params, key(2)))
+    rp = moved(rules, reparam.init(rules, params, key(2)), lambda v: v + 0.1)
     fwd = lambda rp: jnp.sum(reparam.apply(rules, model, rp, x) ** 2)
     ref = lambda rp: jnp.sum(model.apply({"params": reparam.materialize(rules, rp)}, x) ** 2)
     for f in (fwd, jax.grad(fwd)):
@@ -479,7 +488,7 @@ def test_dora_unit_with_zero_magnitude_still_gets_its_gradient(name):
   # of it, so the fast form scales such a unit by reparam.transforms.lora.TINY instead of 0.
   model, x = MLP(), jax.random.normal(key(0), (5, 9))
   rules = [(r".*kernel", TRANSFORMS[name]())]
-  rp = jax.tree.map(lambda v: v + 0.1, reparam.init(rules, model.init(key(1), x)["params"], key(2)))
+  rp = moved(rules, reparam.init(rules, model.init(key(1), x)["params"], key(2)), lambda v: v + 0.1)
   rp["Dense_0"]["kernel"]["m"] = rp["Dense_0"]["kernel"]["m"].at[3].set(0.0).at[5].set(-0.0)
   compare(rules, model, rp, x)
   g = jax.grad(lambda rp: loss_of(reparam.apply(rules, model, rp, x)))(rp)["Dense_0"]["kernel"]["m"]

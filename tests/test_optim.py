@@ -202,7 +202,8 @@ def test_frozen_leaves_are_bit_identical_and_hold_no_state(lm):
   history, state = run(optim.make(cfg, RULES, rp), rp, random_grads(rp, 10))
   table = optim.routing(cfg, RULES, rp)
   frozen = [p for p, r in table.items() if r.optimizer == "frozen"]
-  assert set(frozen) == {"head/kernel", "block_1/up/kernel/w", "block_1/down/kernel/w"}
+  assert set(frozen) == {"head/kernel", "block_1/up/kernel/w", "block_1/down/kernel/w",
+                         "block_1/up/kernel/k0_sq", "block_1/down/kernel/k0_sq"}     # DoRA's cached ‖K₀‖₀²
   state_paths = [reparam.core.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
   for path in frozen:
     assert np.array_equal(leaf(history[-1], path), leaf(rp, path)), path

@@ -92,6 +92,10 @@ def test_effective_weights_match_float64_formulas(layout):
   V = K + 2.0 * A @ B
   check(ts["dora"], {**lr_f, "m": jnp.asarray(m.reshape(lay.out_shape(shape)), jnp.float32)},
         m * V / np.linalg.norm(V, axis=0))
+  # DoRA's init: m = ‖K₀‖₀ and the cached k0_sq = ‖K₀‖₀², per output unit
+  f = ts["dora"].init(jax.random.key(3), w)
+  np.testing.assert_allclose(np.ravel(f["k0_sq"]), np.sum(K * K, axis=0), rtol=1e-5)
+  np.testing.assert_allclose(np.ravel(f["m"]), np.linalg.norm(K, axis=0), rtol=1e-5)
 
   # multipliers: s · c_i · K_ij · r_j, with c per input feature (shared over a conv window)
   s, r = 1.7, rng.normal(size=lay.out_shape(shape))

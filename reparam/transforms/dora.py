@@ -7,6 +7,11 @@ The pretrained weight is split into a magnitude `m` (one per output unit) and a 
 changes accuracy); `detach_norm=False` keeps its gradient. Norms are float32 with an epsilon: an all-zero output
 unit gives a finite result (peft's fp16 DoRA returned NaN there). Merge is `(m/n) ⊙ (K₀ + sAB)`, which is
 exactly what `apply` computes.
+
+Factors: `m` (gain), `A`, `B` (low-rank, as LoRA) and `k0_sq = ‖K₀‖₀²` (frozen), cached at init for the
+activation-space form, which then reads K₀ once per step for its norm instead of twice (`lowrank_norm`). Like
+`m`, it describes the K₀ given to `init`: replacing K₀ afterwards (loading other pretrained weights into `w`)
+needs `reparam.init` again, or `apply` (materialized) and `reparam.apply` (activation space) disagree.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ def lowrank_norm(factors: dict, w: jax.Array, layout: Layout, scale: float, eps:
 
       n² = ‖K₀‖₀² + 2s·Σ_k (K₀ᵀA)_jk B_kj + s²·Σ_kl B_kj (AᵀA)_kl B_lj
 
+  with ‖K₀‖₀² read from the factor `k0_sq` (cached at init: K₀ is frozen), so K₀ is read once, by `K₀ᵀA`.
   Exact algebra; in float32 it loses accuracy only where n ≪ ‖K₀‖₀ (sAB cancelling K₀), hence the clamp at 0.
   """
   a, b, w32 = factors["A"].astype(jnp.float32), factors["B"].astype(jnp.float32), w.astype(jnp.float32)
@@ -39,7 +45,7 @@ def lowrank_norm(factors: dict, w: jax.Array, layout: Layout, scale: float, eps:
   a2 = a.reshape(-1, rank)
   bb = jnp.tensordot(jnp.dot(a2.T, a2, precision=HIGHEST), b, axes=1, precision=HIGHEST)   # (AᵀA) B
   # One reduction over the rank axis: Σ_k B_kj (2s (AᵀK₀)_kj + s² ((AᵀA)B)_kj)
-  n2 = sq_norm(w, layout) + jnp.sum(b * (2.0 * scale * ak + scale * scale * bb), axis=0)
+  n2 = jax.lax.stop_gradient(factors["k0_sq"]) + jnp.sum(b * (2.0 * scale * ak + scale * scale * bb), axis=0)
   return jnp.sqrt(jnp.maximum(n2, 0.0) + eps * eps)
 
 
@@ -66,7 +72,7 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
 
   def init(key, w):
     layout = resolve(w.ndim, in_axes, out_axes)
-    return {"m": norm(w, layout, eps), **lowrank_init(key, w, rank, layout)}
+    return {"m": norm(w, layout, eps), "k0_sq": sq_norm(w, layout), **lowrank_init(key, w, rank, layout)}
 
   def apply(factors, w):
     layout = resolve(w.ndim, in_axes, out_axes)
@@ -90,5 +96,5 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
       n = jax.lax.stop_gradient(n)
     return lowrank_linear(factors, w, x, layer, scale, out_scale=factors["m"] / n, remat=remat)
 
-  return Reparam(init, apply, roles={"m": "gain", "A": "lowrank", "B": "lowrank"}, freezes_base=True,
-                 name="dora", linear=linear)
+  return Reparam(init, apply, roles={"m": "gain", "k0_sq": "frozen", "A": "lowrank", "B": "lowrank"},
+                 freezes_base=True, name="dora", linear=linear)
