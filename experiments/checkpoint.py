@@ -7,7 +7,9 @@ from the newest step that does restore.
 
 orbax does not notice every kind of damage: a flipped byte inside a compressed data file can decode to wrong
 numbers without any error. So each step also records a CRC-32 of every leaf (in orbax's step metadata, written
-atomically with the step), and a restored state whose checksums differ is treated as unreadable too.
+atomically with the step), and a restored state whose checksums differ is treated as unreadable too. Their
+keys, the saved leaves' paths, also tell an intact step of another state tree (saved by another version of the
+code) from a damaged one: that is refused with an error, and nothing is moved.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from reparam.core import path_str
+from reparam.core import ConfigError, path_str
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -81,14 +83,40 @@ def brief(message: str, limit: int = 120) -> str:
   return cut.rstrip(" ,;:") + "…"
 
 
+def _saved_paths(path: str) -> set[str] | None:
+  """The leaf paths a step holds, from its checksums; None where unknown (unreadable, or saved without them)."""
+  try:
+    with open(os.path.join(path, "_CHECKPOINT_METADATA")) as f:
+      crc = (json.load(f).get("custom_metadata") or {}).get("crc32")
+  except (OSError, ValueError, AttributeError):      # damaged: left to the restore below to report
+    return None
+  return set(crc) if isinstance(crc, dict) else None
+
+
+def check_same_tree(path: str, like) -> None:
+  """Refuses, moving nothing, a step that holds another state tree than `like`: a checkpoint saved by another
+  version of the code (e.g. before DoRA cached ‖K₀‖₀² as the factor `k0_sq`) is intact, not damaged, and
+  taking it for damage would move every step aside and start the run over."""
+  saved = _saved_paths(path)
+  here = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+  if saved is None or saved == here:
+    return
+  show = lambda paths: ", ".join(sorted(paths)[:3]) + (" ..." if len(paths) > 3 else "") or "none"
+  raise ConfigError(f"checkpoint {path} holds another training state than this code builds (leaves only there: "
+                    f"{show(saved - here)}; only here: {show(here - saved)}): it was saved by another version "
+                    "of reparam or of the model; resume it with that version, or use a new workdir")
+
+
 def restore_latest(mgr: ocp.CheckpointManager, like, max_step: int | None = None, log=logging.warning):
   """Restores the newest readable step (at most `max_step`) into the structure of `like`.
 
-  Returns `(state, step)`, or `(like, 0)` when there is none.
+  Returns `(state, step)`, or `(like, 0)` when there is none. A step of another state tree is refused
+  (`check_same_tree`); a damaged one is moved aside and the one before it tried.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   for step in sorted((s for s in mgr.all_steps() if max_step is None or s <= max_step), reverse=True):
     path = os.path.join(str(mgr.directory), str(step))
+    check_same_tree(path, like)
     try:
       return _restore_step(path, abstract), step
     except Exception as e:  # noqa: BLE001  any failure to read a step means: try the one before

@@ -346,6 +346,25 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_resumed(fini
   assert_same_run(finished_run, workdir)
 
 
+@pytest.mark.slow
+def test_checkpoint_of_another_state_tree_is_refused_and_nothing_moved(finished_run, tmp_path, monkeypatch):
+  """A checkpoint saved by another version of the code (here: this code's state gains a leaf, as DoRA's states
+  gained `k0_sq`) is intact, not damaged: a one-line error naming the leaves, and every step left where it is
+  (taken for damage, every step would be moved aside and the run started over)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  for name in ("result.json", "params.msgpack"):
+    os.remove(os.path.join(workdir, name))
+  before = snapshot(os.path.join(workdir, "checkpoints"))
+  init_state = train.init_state
+  monkeypatch.setattr(train, "init_state", lambda s: {**init_state(s), "newer": jnp.zeros(3)})
+  with pytest.raises(reparam.ConfigError, match=r"^checkpoint .*/checkpoints/30 holds another training state than "
+                     r"this code builds \(leaves only there: none; only here: newer\): it was saved by another "
+                     r"version of reparam or of the model; resume it with that version, or use a new workdir$"):
+    train.train_and_evaluate(ref_config(), workdir)
+  assert snapshot(os.path.join(workdir, "checkpoints")) == before
+
+
 def test_checkpoint_warning_cuts_a_long_message_at_a_sentence_or_a_word():
   """TensorStore's message used to be cut at 120 characters, mid-word: `... See full TensorStore details: <bound m`.
   Now its first sentence is kept, and a long sentence is cut after a whole word, with "…"."""
