@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from reparam.core import ConfigError, path_str
+from reparam.core import ConfigError, flatten
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -35,9 +35,8 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 def checksums(state) -> dict[str, int]:
   """CRC-32 of each leaf's bytes, keyed by its path (a host copy: checkpoints are rare, the state small)."""
-  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
-  return {path_str(p): zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
-          for p, x in leaves}
+  return {path: zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+          for path, x in flatten(jax.device_get(state)).items()}
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
@@ -98,7 +97,7 @@ def check_same_tree(path: str, like) -> None:
   version of the code (e.g. before DoRA cached ‖K₀‖₀² as the factor `k0_sq`) is intact, not damaged, and
   taking it for damage would move every step aside and start the run over."""
   saved = _saved_paths(path)
-  here = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+  here = set(flatten(like))
   if saved is None or saved == here:
     return
   show = lambda paths: ", ".join(sorted(paths)[:3]) + (" ..." if len(paths) > 3 else "") or "none"
