@@ -225,9 +225,10 @@ def build_step(v: Variant, d_model: int, batch: int, seq: int, key, dtype=jnp.fl
     rules = [(HIDDEN_KERNELS, v.transform)] if v.transform else []
     rparams = reparam.init(rules, params, jax.random.fold_in(key, 1))
     s = types.SimpleNamespace(
-        config=ml_collections.ConfigDict({"seed": 0, "train": {"log_every": 1000, "skip_nonfinite": False}}),
+        config=ml_collections.ConfigDict({"seed": 0, "train": {"log_every": 1000, "skip_nonfinite": False},
+                                         "optimizer": opt}),
         forward=setup.forward_fn(model, rules, v.fast, v.space), tx=reparam.optim.make(opt, rules, rparams),
-        rparams=rparams, collections={})
+        rparams=rparams, collections={}, rules=rules)
     state = train.init_state(s)
     compiled = jax.jit(train.make_train_step(s), donate_argnums=0).lower(state, data).compile()
   ns = newton_schulz_flops(opt, rules, rparams) if opt["name"] == "muon" else 0.0

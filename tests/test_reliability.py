@@ -392,7 +392,8 @@ def test_same_config_and_seed_give_bit_identical_runs(finished_run, tmp_path):
 
 # ------------------------------------------------------------------------------------------- numerical faults
 
-NONFINITE = re.compile(r"error: non-finite loss or gradient at step (\d+); non-finite gradients in: (.+); "
+NONFINITE = re.compile(r"error: non-finite loss, gradient or update at step (\d+); non-finite updated values in: "
+                       r"(.+); "
                        r"last good state: checkpoint of step (\d+) in (.+)/checkpoints\. Lower the learning rate, "
                        r"or set --config\.train\.skip_nonfinite=True to skip such steps")
 HUGE_LR = ["--config", "configs/quickstart.py:steps=10", "--config.optimizer.learning_rate=1e30",
@@ -491,7 +492,8 @@ def test_nan_batch_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, m
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(nan_config(), workdir)
   msg = str(e.value)
-  assert msg.startswith("non-finite loss or gradient at step 5; non-finite gradients in: ") and "\n" not in msg
+  assert msg.startswith("non-finite loss, gradient or update at step 5; non-finite updated values in: ")
+  assert "\n" not in msg
   assert f"last good state: checkpoint of step 4 in {workdir}/checkpoints" in msg
   assert ckpt_steps(workdir) == [2, 4]
   s, state = _state_at(nan_config(), workdir, 4)

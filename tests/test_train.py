@@ -181,6 +181,40 @@ def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
   assert got.tolist() == [[False] * 6, [False] * 4 + [True, False], [False] * 6]
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_step_flags_the_trained_leaves_whose_gradients_are_nonfinite(clip):
+  """NaN in one example: the step's `bad_leaves` are the trained leaves whose gradient (computed here,
+  independently of the step) is non-finite: the kernels and the head's bias, not the hidden biases (ReLU's
+  gradient at a NaN input is 0), and not the head's kernel, frozen by a role rule though its gradient is NaN.
+  Without clipping the step reads the updated values, and exactly the flagged leaves came out non-finite; with
+  `grad_clip_norm` every trained leaf's update is non-finite (the global norm is NaN), which is why it reads
+  the gradients there."""
+  import jax
+  import jax.numpy as jnp
+  c = tiny(quickstart.get_config("steps=2"))
+  c.optimizer.update(grad_clip_norm=clip, role_rules=(("head/kernel", "frozen"),))
+  s = train.build(c)
+  state = train.init_state(s)
+  batch = {k: jnp.asarray(v) for k, v in s.dataset.batch(0, c.data.batch_size, c.seed).items()}
+  batch["x"] = batch["x"].at[3].set(jnp.nan)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+  def loss_fn(rp):
+    logits, _ = s.forward(rp, state["collections"], batch["x"], True, rng)
+    return train.loss_and_accuracy(logits, batch["y"])[0]
+
+  grads = reparam.flatten(jax.grad(loss_fn)(state["rparams"]))
+  nonfinite = {p for p, g in grads.items() if not np.all(np.isfinite(np.asarray(g, np.float64)))}
+  assert nonfinite == {"Dense_0/kernel", "Dense_1/kernel", "head/kernel", "head/bias"}
+  new = jax.jit(train.make_train_step(s))(state, batch)
+  flagged = {p for p, b in zip(reparam.flatten(s.rparams), np.asarray(new["bad_leaves"])) if b}
+  assert flagged == nonfinite - {"head/kernel"}
+  assert int(new["bad_step"]) == 1
+  updated = {p for p, x in reparam.flatten(new["rparams"]).items() if not np.all(np.isfinite(np.asarray(x)))}
+  assert train.watched_leaves(s)[1] == bool(clip)
+  assert updated == (set(grads) - {"head/kernel"} if clip else flagged)
+
+
 def test_train_space_reaches_the_fast_path(monkeypatch):
   """`--config.train.space` is what the training step's forward passes to `reparam.apply`."""
   import jax
