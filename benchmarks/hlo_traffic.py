@@ -13,7 +13,8 @@ copy, a custom call):
             (read or write once): the unit in which a reparameterization's extra work is paid at small batch.
 
 It is a model of memory traffic, not a measurement: an operand counts in full even where a kernel reads part of
-it, caches are ignored, and a loop body (Muon's Newton–Schulz iterations) counts once. Its use is to say where a
+it, caches are ignored, a loop body (Muon's Newton–Schulz iterations) counts once, and a conditional counts its
+predicate only (the finiteness check's element-by-element branch runs on a bad step only). Its use is to say where a
 time ratio comes from: e.g. at 128 tokens NaP's step moves four more passes over the matrices than plain's (the
 norm of the updated weight must be complete before any of it can be scaled, and XLA:CPU fuses no reduction with
 its producer's other outputs). Targets and timings: `benchmarks/train_step.py`; findings: docs/performance.md.
@@ -64,7 +65,10 @@ def traffic(hlo: str) -> dict:
   """`{"kernels": n, "bytes": b}` over the top-level instructions of a compiled module's text (`as_text()`)."""
   instructions = _entry(hlo)
   size = {name: _bytes(rtype) for name, rtype, _, _ in instructions}
-  kernels = [(name, ops) for name, _, opcode, ops in instructions if opcode not in _FREE]
+  # A conditional reads its predicate; what a branch reads is the branch's (the finiteness check's exact
+  # branch runs on a bad step only, and its operands are passed by reference, not copied).
+  kernels = [(name, ops[:1] if opcode == "conditional" else ops)
+             for name, _, opcode, ops in instructions if opcode not in _FREE]
   return {"kernels": len(kernels), "bytes": sum(size[n] + sum(size.get(o, 0) for o in ops) for n, ops in kernels)}
 
 

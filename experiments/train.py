@@ -55,13 +55,25 @@ def _put_batch(batch: dict, mesh) -> dict:
 def nonfinite_leaves(leaves: list[jax.Array]) -> jax.Array:
   """One flag per leaf (in order): whether it holds a non-finite element.
 
+  Large leaves are screened by their sums, and checked element by element (`isfinite`) only when a sum is not
+  finite. A NaN or inf anywhere makes the sum non-finite, and a finite leaf's sum is non-finite only where it
+  overflows (|Σx| > 3.4e38), so the screen misses nothing and the exact check, which names the leaves, runs on
+  a bad step only. A bare sum is the cheapest reduction XLA:CPU has: over the benchmark LM's 14 large leaves
+  (25 MiB) 0.86 ms, against 3.0 ms for `all(isfinite(x))` (which writes a boolean array first) and 2.7 ms for
+  `isfinite(sum(x·0))`; the training step at d_model 512 and 128 tokens got 4% faster (docs/performance.md).
   Small leaves (multipliers, gains, norms: dozens of them under a transform) are concatenated and checked by one
-  reduction, and only when that finds something are they checked one by one (to name them): at small batches a
-  reduction per leaf costs more in kernel launches than in arithmetic. (Under vmap the `cond` is a select: both
-  branches run every step.) `SMALL` is the optimizer's bound for flattening a group (`reparam.optim.build`)."""
+  reduction, and only when that finds something one by one: at small batches a reduction per leaf costs more in
+  kernel launches than in arithmetic. (Screening their concatenation by its sum too made XLA compute the
+  flattened optimizer's per-leaf updates twice.) Under vmap a `cond` is a select: both branches run every step.
+  `SMALL` is the optimizer's bound for flattening a group (`reparam.optim.build`)."""
   small = [i for i, g in enumerate(leaves) if g.size <= SMALL]
   big = [i for i, g in enumerate(leaves) if g.size > SMALL]
-  parts = [jnp.stack([~jnp.all(jnp.isfinite(leaves[i])) for i in big])] if big else []
+  parts = []
+  if big:
+    sums = jnp.stack([jnp.sum(leaves[i]).astype(jnp.float32) for i in big])
+    one_by_one = lambda xs: jnp.stack([~jnp.all(jnp.isfinite(x)) for x in xs])
+    parts.append(jax.lax.cond(jnp.all(jnp.isfinite(sums)), lambda xs: jnp.zeros(len(big), bool), one_by_one,
+                              [leaves[i] for i in big]))
   if small:
     flat = jnp.concatenate([leaves[i].ravel().astype(jnp.float32) for i in small])
     sizes = [leaves[i].size for i in small]

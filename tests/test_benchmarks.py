@@ -181,15 +181,18 @@ def test_the_seeds_section_times_both_ways_and_pairs_whole_runs(tmp_path, monkey
 
 def test_hlo_traffic_counts_kernels_and_the_bytes_they_read_and_write(monkeypatch, capsys):
   """`hlo_traffic.traffic` on a module whose numbers are known by hand (a tuple-valued fusion read through
-  get-tuple-element, a dot, free parameters and bitcasts), on today's compiled text, and the script end to end."""
+  get-tuple-element, a dot, free parameters and bitcasts, a conditional that counts its predicate only), on
+  today's compiled text, and the script end to end."""
   from benchmarks import hlo_traffic
   text = """HloModule m
 
 %fused { ... }
 
-ENTRY %main.1 (p: f32[1000], q: f32[10,20]) -> f32[10,30] {
+ENTRY %main.1 (p: f32[1000], q: f32[10,20], r: pred[]) -> f32[10,30] {
   %p = f32[1000]{0} parameter(0)
   %q = f32[10,20]{1,0} parameter(1)
+  %r = pred[] parameter(2)
+  %conditional.7 = pred[3]{0} conditional(%r, %p, %p), true_computation=%t, false_computation=%f
   %fusion.1 = (f32[1000]{0}, s32[4]{0}) fusion(%p), kind=kLoop, calls=%fused
   %get-tuple-element.2 = f32[1000]{0} get-tuple-element(%fusion.1), index=0
   %bitcast.3 = f32[20,50]{1,0} bitcast(%get-tuple-element.2)
@@ -199,7 +202,8 @@ ENTRY %main.1 (p: f32[1000], q: f32[10,20]) -> f32[10,30] {
 """
   fusion = 4000 + 4000 + 16                    # reads p, writes both outputs
   dot = 800 + 4000 + 2000                      # reads q and the bitcast, writes 10 x 50
-  assert hlo_traffic.traffic(text) == {"kernels": 3, "bytes": fusion + dot + 2000 + 1200}
+  conditional = 3 + 1                          # writes pred[3], reads its predicate; the branches' reads are theirs
+  assert hlo_traffic.traffic(text) == {"kernels": 4, "bytes": fusion + dot + 2000 + 1200 + conditional}
   compiled = jax.jit(lambda a, b: jnp.dot(a, b) * 2).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
   got = hlo_traffic.traffic(compiled.as_text())
   assert got["kernels"] >= 1 and got["bytes"] >= (64 * 32 + 32 * 16 + 64 * 16) * 4

@@ -153,8 +153,9 @@ def test_compiled_programs_are_cached_per_host_outside_the_workdir(tmp_path):
 
 
 def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
-  """The step's per-leaf finiteness flags (small leaves checked as one concatenation first) against numpy on
-  each leaf alone: big and small leaves, bf16, NaN and inf, all finite, and vmapped over seeds."""
+  """The step's per-leaf finiteness flags (big leaves screened by their sums, small ones as one concatenation,
+  both confirmed element by element) against numpy on each leaf alone: big and small leaves, bf16, NaN and inf,
+  all finite, finite leaves whose sums overflow, and vmapped over seeds."""
   import jax
   import jax.numpy as jnp
   rng = np.random.default_rng(0)
@@ -168,6 +169,11 @@ def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
     return want
 
   assert check([jnp.asarray(x) for x in base]) == [False] * len(shapes)
+  # Finite but huge: every sum overflows to ±inf (the screen's false alarm), and the exact check clears them all.
+  huge = [np.full(s, 3e38 if i % 2 else -3e38, np.float32) for i, s in enumerate(shapes)]
+  with np.errstate(over="ignore"):
+    assert not np.isfinite(np.sum(huge[0], dtype=np.float32))
+  assert check(huge) == [False] * len(shapes)
   for bad in ([1, 4], [0], [2, 5], [3]):
     leaves = [x.copy() for x in base]
     for i in bad:
