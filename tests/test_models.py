@@ -148,32 +148,3 @@ def test_config_errors_name_the_key(config, dataset, key):
   with pytest.raises(ConfigError, match=key) as e:
     models.make(config, dataset)
   assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("kind", ["layer", "rms"])
-def test_layer_and_rms_norm_on_the_2d_view_match_their_formulas(kind):
-  """`_norm` applies LayerNorm/RMSNorm to the (rows, features) view of a (batch, length, features) input (for
-  XLA:CPU's speed): values and the scale's and bias's gradients against numpy float64 formulas on the 3-D array,
-  and the same parameter tree as the norm applied to the 3-D input."""
-  class Norm(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return models._norm(kind, "norm", x, False)
-
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 5, 8)).astype(np.float32)
-  w = rng.normal(size=(2, 5, 8))                      # the loss is Σ out ⊙ w
-  params = Norm().init(jax.random.key(0), x)["params"]
-  ref_tree = (nn.LayerNorm if kind == "layer" else nn.RMSNorm)(name="norm").init(jax.random.key(0), x)["params"]
-  assert jax.tree.map(jnp.shape, params) == {"norm": jax.tree.map(jnp.shape, ref_tree)}
-  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-  out, grads = jax.value_and_grad(lambda p: jnp.sum(Norm().apply({"params": p}, x) * w))(params)
-  x64 = x.astype(np.float64)
-  centred = x64 - x64.mean(-1, keepdims=True) if kind == "layer" else x64
-  xhat = centred / np.sqrt(np.mean(centred ** 2, -1, keepdims=True) + 1e-6)
-  scale = np.asarray(params["norm"]["scale"], np.float64)
-  bias = np.asarray(params["norm"]["bias"], np.float64) if kind == "layer" else 0.0
-  np.testing.assert_allclose(out, np.sum((xhat * scale + bias) * w), rtol=1e-5)
-  np.testing.assert_allclose(grads["norm"]["scale"], np.sum(xhat * w, axis=(0, 1)), rtol=1e-5, atol=1e-5)
-  if kind == "layer":
-    np.testing.assert_allclose(grads["norm"]["bias"], np.sum(w, axis=(0, 1)), rtol=1e-5, atol=1e-5)
