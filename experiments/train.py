@@ -96,12 +96,11 @@ def watched_leaves(s: Setup) -> tuple[np.ndarray, bool]:
   and the check was a third, reading V once more). At 128 tokens (d_model 512) weight norm's step moves 24 MiB
   less, one pass over its kernels (plain's, LoRA's, DoRA's, NaP's and the multipliers' move what they did), and
   measured 0.968, 1.001 and 0.987x the time of checking gradients in three side-by-side runs
-  (docs/performance.md). They name
-  the same leaves: AdamW, Muon and NaP update each leaf from its own gradient only, so a NaN or inf gradient
-  makes that leaf's new value non-finite (0·NaN is NaN, even at a zero learning rate) and nothing else's; an
-  update that overflows is flagged too, rightly. With `grad_clip_norm` one non-finite gradient reaches every
-  update (through the global norm), so there the gradients are read, to name the leaf it came from. Frozen
-  leaves are not read: nothing from the step reaches them."""
+  (docs/performance.md). They name the same leaves: AdamW, Muon and NaP update each leaf from its own gradient
+  only, so a NaN or inf gradient makes that leaf's new value non-finite (0·NaN is NaN, even at a zero learning
+  rate) and nothing else's; an update that overflows is flagged too, rightly. With `grad_clip_norm` one
+  non-finite gradient reaches every update (through the global norm), so there the gradients are read, to
+  name the leaf it came from. Frozen leaves are not read: nothing from the step reaches them."""
   table = reparam.optim.routing(s.config.optimizer, s.rules, s.rparams)
   watch = np.array([i for i, r in enumerate(table.values()) if r.optimizer != "frozen"], int)
   return watch, bool(s.config.optimizer.get("grad_clip_norm"))
