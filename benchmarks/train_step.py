@@ -374,7 +374,7 @@ def seeds_throughput(n_seeds: int, steps: int, rounds: int, calls: int, runs: in
   config.train.update(progress=False, tensorboard=False)
   s = setup.build(config)
   one = jax.jit(train.make_train_step(s), donate_argnums=0)
-  many = jax.jit(jax.vmap(train.make_train_step(s)), donate_argnums=0)
+  many = jax.jit(jax.vmap(train.make_train_step(s, vmapped=True)), donate_argnums=0)
   bs = config.data.batch_size
   batches = [s.dataset.batch(0, bs, seed) for seed in range(n_seeds)]
   stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}

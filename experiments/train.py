@@ -52,8 +52,9 @@ def _put_batch(batch: dict, mesh) -> dict:
           for k, v in batch.items()}
 
 
-def nonfinite_leaves(leaves: list[jax.Array]) -> jax.Array:
-  """One flag per leaf (in order): whether it holds a non-finite element.
+def nonfinite_leaves(leaves: list[jax.Array], screen: bool = True) -> jax.Array:
+  """One flag per leaf (in order): whether it holds a non-finite element; `screen=False` checks every leaf
+  element by element, which is what a vmapped step should do (below).
 
   Large leaves are screened by their sums, and checked element by element (`isfinite`) only when a sum is not
   finite. A NaN or inf anywhere makes the sum non-finite, and a finite leaf's sum is non-finite only where it
@@ -66,6 +67,8 @@ def nonfinite_leaves(leaves: list[jax.Array]) -> jax.Array:
   kernel launches than in arithmetic. (Screening their concatenation by its sum too made XLA compute the
   flattened optimizer's per-leaf updates twice.) Under vmap a `cond` is a select: both branches run every step.
   `SMALL` is the optimizer's bound for flattening a group (`reparam.optim.build`)."""
+  if not screen:
+    return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.zeros(0, bool)
   small = [i for i, g in enumerate(leaves) if g.size <= SMALL]
   big = [i for i, g in enumerate(leaves) if g.size > SMALL]
   parts = []
@@ -106,8 +109,10 @@ def watched_leaves(s: Setup) -> tuple[np.ndarray, bool]:
   return watch, bool(s.config.optimizer.get("grad_clip_norm"))
 
 
-def make_train_step(s: Setup):
-  """The pure step `state, batch -> state`; metrics accumulate in the state between logs."""
+def make_train_step(s: Setup, vmapped: bool = False):
+  """The pure step `state, batch -> state`; metrics accumulate in the state between logs. `vmapped`: it will
+  run under `jax.vmap` (seeds), where the finiteness check's screens would cost more than they save (a `cond`
+  runs both branches there), so every leaf is checked element by element."""
   log_every, skip = s.config.train.log_every, s.config.train.skip_nonfinite
   watch, on_grads = watched_leaves(s)
 
@@ -124,7 +129,7 @@ def make_train_step(s: Setup):
     new = {"rparams": optax.apply_updates(state["rparams"], updates), "opt_state": opt_state,
            "collections": cols}
     leaves = jax.tree.leaves(grads if on_grads else new["rparams"])
-    bad_leaves = nonfinite_leaves([leaves[i] for i in watch])
+    bad_leaves = nonfinite_leaves([leaves[i] for i in watch], screen=not vmapped)
     if len(watch) < len(leaves):       # frozen leaves: never flagged
       bad_leaves = jnp.zeros(len(leaves), bool).at[watch].set(bad_leaves)
     ok = jnp.isfinite(loss) & ~jnp.any(bad_leaves)
@@ -315,7 +320,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     for name in ("metrics.jsonl", "diagnostics.jsonl"):
       results.truncate_jsonl(os.path.join(run.workdir, name), start)
 
-  step_fn = jax.jit(jax.vmap(make_train_step(s)) if stacked else make_train_step(s), donate_argnums=0)
+  step_fn = jax.jit(jax.vmap(make_train_step(s, vmapped=True)) if stacked else make_train_step(s), donate_argnums=0)
   seed_evaluator = seed_eval(s, n) if stacked else None
   # All seeds' diagnostics in one program; W₀ for the magnitude/direction analysis, stacked like them.
   stats_fn = functools.partial(diagnostics.layer_stats, s.rules)

@@ -166,6 +166,7 @@ def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
   def check(leaves):
     want = [not np.isfinite(np.asarray(x, np.float32)).all() for x in leaves]
     assert flags(leaves).tolist() == want
+    assert train.nonfinite_leaves(leaves, screen=False).tolist() == want
     return want
 
   assert check([jnp.asarray(x) for x in base]) == [False] * len(shapes)
@@ -183,8 +184,9 @@ def test_nonfinite_leaves_flags_each_bad_leaf_as_numpy_does():
   seeds = [[x.copy() for x in base] for _ in range(3)]
   seeds[1][4][2] = np.nan
   stacked = [np.stack(xs) for xs in zip(*seeds)]
-  got = jax.jit(jax.vmap(train.nonfinite_leaves))(stacked)
-  assert got.tolist() == [[False] * 6, [False] * 4 + [True, False], [False] * 6]
+  for screen in (True, False):            # a vmapped step checks unscreened (`make_train_step(vmapped=True)`)
+    got = jax.jit(jax.vmap(lambda ls: train.nonfinite_leaves(ls, screen=screen)))(stacked)
+    assert got.tolist() == [[False] * 6, [False] * 4 + [True, False], [False] * 6]
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
