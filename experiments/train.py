@@ -52,6 +52,11 @@ def _put_batch(batch: dict, mesh) -> dict:
           for k, v in batch.items()}
 
 
+def _each_nonfinite(xs: list[jax.Array]) -> jax.Array:
+  """The exact per-array flags, element by element: one `~all(isfinite(x))` reduction each."""
+  return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in xs]) if xs else jnp.zeros(0, bool)
+
+
 def nonfinite_leaves(leaves: list[jax.Array], screen: bool = True) -> jax.Array:
   """One flag per leaf (in order): whether it holds a non-finite element; `screen=False` checks every leaf
   element by element, which is what a vmapped step should do (below).
@@ -68,21 +73,20 @@ def nonfinite_leaves(leaves: list[jax.Array], screen: bool = True) -> jax.Array:
   flattened optimizer's per-leaf updates twice.) Under vmap a `cond` is a select: both branches run every step.
   `SMALL` is the optimizer's bound for flattening a group (`reparam.optim.build`)."""
   if not screen:
-    return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.zeros(0, bool)
+    return _each_nonfinite(leaves)
   small = [i for i, g in enumerate(leaves) if g.size <= SMALL]
   big = [i for i, g in enumerate(leaves) if g.size > SMALL]
   parts = []
   if big:
     sums = jnp.stack([jnp.sum(leaves[i]).astype(jnp.float32) for i in big])
-    one_by_one = lambda xs: jnp.stack([~jnp.all(jnp.isfinite(x)) for x in xs])
-    parts.append(jax.lax.cond(jnp.all(jnp.isfinite(sums)), lambda xs: jnp.zeros(len(big), bool), one_by_one,
+    parts.append(jax.lax.cond(jnp.all(jnp.isfinite(sums)), lambda xs: jnp.zeros(len(big), bool), _each_nonfinite,
                               [leaves[i] for i in big]))
   if small:
     flat = jnp.concatenate([leaves[i].ravel().astype(jnp.float32) for i in small])
     sizes = [leaves[i].size for i in small]
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    one_by_one = lambda f: jnp.stack([~jnp.all(jnp.isfinite(f[a:b])) for a, b in zip(starts, ends)])
+    one_by_one = lambda f: _each_nonfinite([f[a:b] for a, b in zip(starts, ends)])
     parts.append(jax.lax.cond(jnp.all(jnp.isfinite(flat)), lambda f: jnp.zeros(len(small), bool), one_by_one, flat))
   if not parts:
     return jnp.zeros(0, bool)
