@@ -227,8 +227,8 @@ def build_step(v: Variant, d_model: int, batch: int, seq: int, key, dtype=jnp.fl
     s = types.SimpleNamespace(
         config=ml_collections.ConfigDict({"seed": 0, "train": {"log_every": 1000, "skip_nonfinite": False},
                                          "optimizer": opt}),
-        forward=setup.forward_fn(model, rules, v.fast, v.space), tx=reparam.optim.make(opt, rules, rparams),
-        rparams=rparams, collections={}, rules=rules)
+        forward=setup.forward_fn(model, rules, v.fast, v.space), rparams=rparams, collections={}, rules=rules,
+        tx=reparam.optim.make(opt, rules, rparams, deferred_projection=True))     # as experiments.setup makes it
     state = train.init_state(s)
     compiled = jax.jit(train.make_train_step(s), donate_argnums=0).lower(state, data).compile()
   ns = newton_schulz_flops(opt, rules, rparams) if opt["name"] == "muon" else 0.0

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import serialization
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -130,7 +129,7 @@ def make_train_step(s: Setup, vmapped: bool = False):
 
     (loss, (acc, cols)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["rparams"])
     updates, opt_state = s.tx.update(grads, state["opt_state"], state["rparams"])
-    new = {"rparams": optax.apply_updates(state["rparams"], updates), "opt_state": opt_state,
+    new = {"rparams": reparam.optim.apply_updates(state["rparams"], updates, opt_state), "opt_state": opt_state,
            "collections": cols}
     leaves = jax.tree.leaves(grads if on_grads else new["rparams"])
     bad_leaves = nonfinite_leaves([leaves[i] for i in watch], screen=not vmapped)

@@ -310,6 +310,47 @@ def test_nap_every_k_projects_only_every_kth_step(lm):
       assert on_norm == (step % 3 == 0), (step, path, got[path], init[path])
 
 
+def run_deferred(tx, params, grads):
+  """`run` with the training loop's update: `reparam.optim.apply_updates`, which projects deferred NaP states."""
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optim.apply_updates(p, u, s), s))(*tx.update(g, s, p)))
+  state, history = tx.init(params), []
+  for g in grads:
+    params, state = step(params, state, g)
+    history.append(params)
+  return history, state
+
+
+@pytest.mark.parametrize("name,every", [("adamw", 1), ("muon", 1), ("adamw", 3)])
+def test_deferred_projection_gives_the_transforms_numbers(lm, name, every):
+  _, rp = lm
+  cfg = dict(name=name, learning_rate=0.05, adam_learning_rate=0.05, weight_decay=0.1, nap={"every": every})
+  grads = random_grads(rp, 7, seed=13)
+  now, state = run(optim.make(cfg, RULES, rp), rp, grads)
+  later, deferred = run_deferred(optim.make(cfg, RULES, rp, deferred_projection=True), rp, grads)
+  assert isinstance(deferred[-1], optim.DeferredProjectionState) and int(deferred[-1].count) == 7
+  for a, b in zip(now, later):     # every step, projected or not (every=3): the same parameters
+    for (path, x), y in zip(reparam.flatten(a).items(), reparam.flatten(b).values()):
+      np.testing.assert_allclose(y, x, rtol=2e-6, atol=1e-7, err_msg=path)
+  # the projection really ran: the projected norms sit on their init values on the projected steps
+  init, last = nap_norms(rp), nap_norms(later[5])       # step 6: projected for every=1 and every=3
+  for path in ("block_0/q/kernel/w", "head/kernel", "ln_f"):
+    np.testing.assert_allclose(last[path], init[path], rtol=1e-5, err_msg=path)
+  # a deferred state under optax.apply_updates does not project: the loop must use optim.apply_updates
+  skipped = run(optim.make(cfg, RULES, rp, deferred_projection=True), rp, grads)[0][5]
+  assert abs(nap_norms(skipped)["block_0/q/kernel/w"] / init["block_0/q/kernel/w"] - 1) > 1e-3
+
+
+def test_apply_updates_without_a_deferred_state_is_optax_apply_updates(lm):
+  _, rp = lm
+  cfg = dict(MUON, nap={"every": 1})
+  tx = optim.make(cfg, RULES, rp)       # the projection inside the transform: nothing left to apply_updates
+  g = random_grads(rp, 1, seed=17)[0]
+  state = tx.init(rp)
+  updates, state = tx.update(g, state, rp)
+  got, want = optim.apply_updates(rp, updates, state), optax.apply_updates(rp, updates)
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), got, want))
+
+
 # --------------------------------------------------------------------------------------------- schedules
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
@@ -372,10 +413,11 @@ def test_bad_configs_raise_one_line_naming_the_key(lm, config, total_steps, key)
 
 # -------------------------------------------------------------------------------------------------- jit
 
-def test_jitted_train_step_compiles_once_and_can_donate_its_state(lm):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_jitted_train_step_compiles_once_and_can_donate_its_state(lm, deferred):
   rp = jax.tree.map(jnp.copy, lm[1])       # donated below: the fixture's arrays must survive
   cfg = dict(MUON, schedule="cosine", warmup_steps=2, grad_clip_norm=1.0, nap={"every": 2})
-  tx = optim.make(cfg, RULES, rp, total_steps=10)
+  tx = optim.make(cfg, RULES, rp, total_steps=10, deferred_projection=deferred)
   model, traces = LM(), []
 
   def loss(rp, tokens):
@@ -388,7 +430,7 @@ def test_jitted_train_step_compiles_once_and_can_donate_its_state(lm):
     traces.append(1)
     value, grads = jax.value_and_grad(loss)(rp, tokens)
     updates, state = tx.update(grads, state, rp)
-    return optax.apply_updates(rp, updates), state, value
+    return optim.apply_updates(rp, updates, state), state, value
 
   state = tx.init(rp)
   rp1, state, l1 = train_step(rp, state, TOKENS)

@@ -60,8 +60,8 @@ def _group(cfg: dict, route: Route, table: dict[str, Route], total_steps, dtypes
   return _muon(cfg, lr, route.weight_decay, dims)
 
 
-def make(config, rules, rparams, total_steps: int | None = None,
-         where: str = "optimizer") -> optax.GradientTransformation:
+def make(config, rules, rparams, total_steps: int | None = None, where: str = "optimizer",
+         deferred_projection: bool = False) -> optax.GradientTransformation:
   """The optimizer of `rparams` (`reparam.init(rules, params, key)`), routed by role.
 
   Args:
@@ -70,6 +70,8 @@ def make(config, rules, rparams, total_steps: int | None = None,
     rules, rparams: as for `reparam.roles`; only shapes of rparams are read (ShapeDtypeStructs work).
     total_steps: length of the run, needed by the cosine and linear schedules.
     where: the config's name in error messages (`optimizer.roles.gian: unknown role; valid: ...`).
+    deferred_projection: NaP's projection is left to `reparam.optim.apply_updates`, which must then replace
+      `optax.apply_updates` (one read of every projected weight less per step; see `reparam.optim.nap`).
   Returns:
     an optax transformation; pass `params` to `update` (AdamW's decay and NaP need them).
   """
@@ -91,7 +93,7 @@ def make(config, rules, rparams, total_steps: int | None = None,
   if cfg["nap"]:
     roles_tree = jax.tree_util.tree_map_with_path(lambda p, _: table[path_str(p)].role, rparams)
     parts.append(normalize_and_project(roles_tree, every=cfg["nap"]["every"], roles=cfg["nap"]["roles"],
-                                       norm_roles=cfg["nap"]["norm_roles"]))
+                                       norm_roles=cfg["nap"]["norm_roles"], deferred=deferred_projection))
   return optax.chain(*parts)
 
 

@@ -13,9 +13,18 @@ It is an optax transform in the shape of `optax.keep_params_nonnegative`: it rew
 `params + updates` lands on the projection, so it must be **last** in the chain (after AdamW or Muon, their
 weight decay and the learning rate). A leaf whose init norm is 0 (a zero-initialized kernel) is left alone:
 there is no scale to keep, and projecting it would pin it at zero forever.
+
+`deferred=True` leaves the projection to `apply_updates(params, updates, opt_state)` (used instead of
+`optax.apply_updates`), which projects `params + updates` itself, the way `optax.projections` are applied after
+an update. The numbers are the same (one rounding fewer: no `p + (x·scale − p)`), and each step reads every
+projected weight once less: in the transform form `optax.apply_updates` must read `p` again to add it back,
+since `p + (y − p)` is not `y` in floating point. The training loop uses this form: on the LM of
+benchmarks/train_step.py (d_model 512, 128 tokens) its step moves 24.5 MiB less, peaks 4.5 MiB lower and takes
+0.982× the time of the transform form's (200 rounds side by side; at 4096 tokens 0.998×, no change).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -28,6 +37,20 @@ from reparam.core import ROLES, ConfigError, flatten, path_str
 class NormalizeAndProjectState(NamedTuple):
   count: jax.Array     # updates seen so far (int32), for `every`
   targets: Any         # like params: the float32 target norm at each projected leaf, optax.MaskedNode elsewhere
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferredProjectionState:
+  """The state of `normalize_and_project(..., deferred=True)`: what `apply_updates` needs to project. `groups`
+  (rparams path -> projection group, as pairs) and `every` are static: part of the tree's structure, not leaves."""
+  count: jax.Array
+  targets: Any
+  groups: tuple = ()
+  every: int = 1
+
+
+jax.tree_util.register_dataclass(DeferredProjectionState, data_fields=["count", "targets"],
+                                 meta_fields=["groups", "every"])
 
 
 def _groups(roles_tree, roles: Sequence[str], norm_roles: Sequence[str]) -> dict[str, str]:
@@ -54,8 +77,15 @@ def _group_norms(groups: dict[str, str], leaves: dict[str, jax.Array]) -> dict[s
   return {group: jnp.sqrt(s) for group, s in sq.items()}
 
 
+def _scale(target, norm):
+  """`target/norm`, or 1 where there is nothing to keep (a zero target: a zero-init leaf) or no direction to
+  rescale (a zero norm)."""
+  return jnp.where((target > 0) & (norm > 0), target / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+
 def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequence[str] = ("matrix", "head"),
-                          norm_roles: Sequence[str] = ("norm",)) -> optax.GradientTransformation:
+                          norm_roles: Sequence[str] = ("norm",), deferred: bool = False
+                          ) -> optax.GradientTransformation:
   """The NaP projection as the last optax transform of a chain.
 
   Args:
@@ -64,6 +94,8 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
     every: project after every k-th update only (steps k, 2k, ...); the others pass through unchanged.
     roles: roles projected leaf by leaf (`K ← K · ‖K⁰‖/‖K‖`).
     norm_roles: roles projected jointly per parent module (a LayerNorm's scale and bias together).
+    deferred: `update` passes the updates through and `apply_updates(params, updates, state)` projects (faster;
+      `optax.apply_updates` would then not project at all).
   """
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
     raise ConfigError(f"normalize_and_project: every must be an integer >= 1, got {every!r}")
@@ -80,7 +112,15 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
   fixed = None if params is None else targets_of(params)
 
   def init_fn(params):
-    return NormalizeAndProjectState(jnp.zeros([], jnp.int32), targets_of(params) if fixed is None else fixed)
+    count, targets = jnp.zeros([], jnp.int32), targets_of(params) if fixed is None else fixed
+    if deferred:
+      return DeferredProjectionState(count, targets, tuple(groups.items()), every)
+    return NormalizeAndProjectState(count, targets)
+
+  if deferred:
+    return optax.GradientTransformation(
+        init_fn, lambda updates, state, params=None: (updates, dataclasses.replace(
+            state, count=optax.safe_increment(state.count))))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -94,9 +134,7 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
     def one(path, p, u, x):
       if path not in groups:
         return u
-      t, n = targets[path], norms[groups[path]]
-      # Zero target: a zero-init leaf, nothing to keep. Zero norm: no direction to rescale.
-      scale = jnp.where((t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
+      scale = _scale(targets[path], norms[groups[path]])
       projected = ((x.astype(jnp.float32) * scale).astype(x.dtype) - p).astype(u.dtype)
       # every=1 projects at every step: no select, which would read both updates of every matrix
       return projected if every == 1 else jnp.where(project, projected, u)
@@ -106,3 +144,32 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
     return updates, NormalizeAndProjectState(count, state.targets)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _project(params, state: DeferredProjectionState):
+  """`params` projected onto the state's target norms (on the steps `every` selects), as `update_fn` would."""
+  groups = dict(state.groups)
+  norms = _group_norms(groups, flatten(params))
+  targets = flatten(state.targets)
+  project = state.count % state.every == 0      # the count already includes this update
+
+  def one(kp, x):
+    path = path_str(kp)
+    if path not in groups:
+      return x
+    projected = (x.astype(jnp.float32) * _scale(targets[path], norms[groups[path]])).astype(x.dtype)
+    return projected if state.every == 1 else jnp.where(project, projected, x)
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def apply_updates(params, updates, opt_state):
+  """`optax.apply_updates(params, updates)`, then every deferred NaP projection found in `opt_state` (the state
+  `update` returned with these updates). Without one it is exactly `optax.apply_updates`, so a training loop can
+  always call it."""
+  new = optax.apply_updates(params, updates)
+  is_deferred = lambda x: isinstance(x, DeferredProjectionState)
+  for state in jax.tree.leaves(opt_state, is_leaf=is_deferred):
+    if is_deferred(state):
+      new = _project(new, state)
+  return new
