@@ -4,6 +4,8 @@
                          partition({label: adamw | muon | set_to_zero}, labels from roles),
                          normalize_and_project)                     # if nap; last, it sees the final update
 
+(`deferred_projection=True`: NaP's projection waits for `reparam.optim.apply_updates`, as in the training loop.)
+
 One partition label per role (per role and fan-in under width scaling), each an unmodified optax optimizer:
 `optax.adamw`, `optax.contrib.muon` (given the leaf's dimension numbers, so its update is exactly optax's) or
 `optax.set_to_zero`. `optax.partition` stores each group's state with `optax.MaskedNode` at the leaves it does
