@@ -45,8 +45,8 @@ class DeferredProjectionState:
   (rparams path -> projection group, as pairs) and `every` are static: part of the tree's structure, not leaves."""
   count: jax.Array
   targets: Any
-  groups: tuple = ()
-  every: int = 1
+  groups: tuple
+  every: int
 
 
 jax.tree_util.register_dataclass(DeferredProjectionState, data_fields=["count", "targets"],
@@ -77,10 +77,17 @@ def _group_norms(groups: dict[str, str], leaves: dict[str, jax.Array]) -> dict[s
   return {group: jnp.sqrt(s) for group, s in sq.items()}
 
 
-def _scale(target, norm):
-  """`target/norm`, or 1 where there is nothing to keep (a zero target: a zero-init leaf) or no direction to
-  rescale (a zero norm)."""
-  return jnp.where((target > 0) & (norm > 0), target / jnp.where(norm > 0, norm, 1.0), 1.0)
+def _rescaled(tree, groups: dict[str, str], targets_tree) -> dict[str, jax.Array]:
+  """`{path: leaf · target/‖group‖}` for every projected leaf of `tree`, in the leaf's dtype: what both forms
+  project onto. A zero target (a zero-init leaf: nothing to keep) or a zero norm (no direction) scales by 1."""
+  leaves, targets = flatten(tree), flatten(targets_tree)
+  norms = _group_norms(groups, leaves)
+  out = {}
+  for path, group in groups.items():
+    t, n, x = targets[path], norms[group], leaves[path]
+    scale = jnp.where((t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
+    out[path] = (x.astype(jnp.float32) * scale).astype(x.dtype)
+  return out
 
 
 def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequence[str] = ("matrix", "head"),
@@ -125,22 +132,18 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("normalize_and_project needs the params: call update(updates, state, params)")
-    new = jax.tree.map(lambda p, u: p + u, params, updates)
-    norms = _group_norms(groups, flatten(new))
-    targets = flatten(state.targets)
+    rescaled = _rescaled(jax.tree.map(lambda p, u: p + u, params, updates), groups, state.targets)
     count = optax.safe_increment(state.count)
     project = count % every == 0
 
-    def one(path, p, u, x):
-      if path not in groups:
+    def one(path, p, u):
+      if path not in rescaled:
         return u
-      scale = _scale(targets[path], norms[groups[path]])
-      projected = ((x.astype(jnp.float32) * scale).astype(x.dtype) - p).astype(u.dtype)
+      projected = (rescaled[path] - p).astype(u.dtype)
       # every=1 projects at every step: no select, which would read both updates of every matrix
       return projected if every == 1 else jnp.where(project, projected, u)
 
-    updates = jax.tree_util.tree_map_with_path(
-        lambda kp, p, u, x: one(path_str(kp), p, u, x), params, updates, new)
+    updates = jax.tree_util.tree_map_with_path(lambda kp, p, u: one(path_str(kp), p, u), params, updates)
     return updates, NormalizeAndProjectState(count, state.targets)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -148,17 +151,14 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
 
 def _project(params, state: DeferredProjectionState):
   """`params` projected onto the state's target norms (on the steps `every` selects), as `update_fn` would."""
-  groups = dict(state.groups)
-  norms = _group_norms(groups, flatten(params))
-  targets = flatten(state.targets)
+  rescaled = _rescaled(params, dict(state.groups), state.targets)
   project = state.count % state.every == 0      # the count already includes this update
 
   def one(kp, x):
     path = path_str(kp)
-    if path not in groups:
+    if path not in rescaled:
       return x
-    projected = (x.astype(jnp.float32) * _scale(targets[path], norms[groups[path]])).astype(x.dtype)
-    return projected if state.every == 1 else jnp.where(project, projected, x)
+    return rescaled[path] if state.every == 1 else jnp.where(project, rescaled[path], x)
 
   return jax.tree_util.tree_map_with_path(one, params)
 
