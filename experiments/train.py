@@ -109,7 +109,12 @@ def watched_leaves(s: Setup) -> tuple[np.ndarray, bool]:
   name the leaf it came from. Frozen leaves are not read: nothing from the step reaches them."""
   table = reparam.optim.routing(s.config.optimizer, s.rules, s.rparams)
   watch = np.array([i for i, r in enumerate(table.values()) if r.optimizer != "frozen"], int)
-  return watch, bool(s.config.optimizer.get("grad_clip_norm"))
+  return watch, _checks_gradients(s.config)
+
+
+def _checks_gradients(config) -> bool:
+  """Whether the finiteness check reads gradients (with `grad_clip_norm`) rather than updated values."""
+  return bool(config.optimizer.get("grad_clip_norm"))
 
 
 def make_train_step(s: Setup, vmapped: bool = False):
@@ -332,7 +337,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   base = jax.device_put(_stack(base), NamedSharding(mesh, P())) if stacked else base[0]   # sent once, not per call
   seed_of = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if stacked else (lambda tree, i: tree)
   leaf_paths = list(reparam.flatten(s.rparams))                    # what the state's `bad_leaves` flags are of
-  checked = "gradients" if watched_leaves(s)[1] else "updated values"
+  checked = "gradients" if _checks_gradients(s.config) else "updated values"
   ahead = compile_ahead(_later_programs(s, state, mesh, seed_evaluator, diag_fn, base))
   t0, rows = time.time(), [{} for _ in runs]
   if start == tcfg.steps:    # stopped after the last checkpoint, before result.json: its final row is logged
