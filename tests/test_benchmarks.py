@@ -216,3 +216,43 @@ ENTRY %main.1 (p: f32[1000], q: f32[10,20], r: pred[]) -> f32[10,30] {
   plain, nap = cells[1], cells[2]
   assert plain[2] == "+0" and plain[5] == "+0.0"
   assert int(nap[1]) > int(plain[1]) and float(nap[5]) > 0      # the projection's norms and rescaling
+
+
+def _run(rounds: int, plain_s: float, v_s: float, rows_extra=None) -> dict:
+  """One process's regime: `rounds` rounds in which plain took `plain_s` and the targeted variant v `v_s`."""
+  rows = [{"variant": "plain", "target": None, "ms": 1e3 * plain_s, "x_plain": 1.0, "gflop_per_s": 1.0},
+          {"variant": "v", "target": 1.03, "memory_target": None, "target_of": "plain", "ms": 1e3 * v_s,
+           "x_plain": v_s / plain_s, "memory_x_plain": 1.0, "gflop_per_s": 2.0, "peak_mib": 5.0}]
+  return {"d_model": 8, "rounds": rounds, "rows": rows, "times_s": {"plain": [plain_s] * rounds, "v": [v_s] * rounds}}
+
+
+def test_processes_combine_into_medians_judged_on_the_spread_between_processes():
+  """Six processes whose rounds agree within each process (a per-round interval would be a point) but whose
+  medians differ: the combined ratio is the median of the process medians, and its interval spans them (for six
+  samples, 95% takes the smallest and the largest), so a target inside that spread is "on the bound"."""
+  ratios = [1.00, 1.02, 1.04, 1.01, 1.05, 1.03]
+  runs = [_run(3, 0.1, 0.1 * x) for x in ratios]
+  one = _run(3, 0.1, 0.1 * ratios[0])
+  train_step.judge(one)
+  assert one["rows"][1]["verdict"] == "met"         # within one process: every round says 1.00
+  r = train_step.combine(runs)
+  v = r["rows"][1]
+  assert v["x_plain"] == pytest.approx(np.median(ratios)) and v["ms"] == pytest.approx(100 * np.median(ratios))
+  assert v["x_ci"] == pytest.approx((1.00, 1.05)) and v["verdict"] == "on the bound"
+  assert v["peak_mib"] == 5.0 and len(r["processes"]) == 6 and "times_s" not in r
+  np.testing.assert_allclose(train_step.ratio_samples(r, "v", "plain"), ratios)
+  r = train_step.combine([_run(3, 0.1, 0.1 * (x - 0.02)) for x in ratios])    # all process medians <= 1.03
+  assert r["rows"][1]["verdict"] == "met"
+
+
+def test_processes_option_measures_each_regime_in_fresh_processes(tmp_path, monkeypatch, capsys):
+  out = tmp_path / "bench.json"
+  monkeypatch.setattr(sys, "argv", ["train_step.py", "--regime", "32,1,8", "--rounds", "1", "--calls", "1",
+                                    "--seeds", "0", "--only", "^nap$", "--processes", "2", "--json", str(out)])
+  train_step.main()
+  r = json.loads(out.read_text())["regimes"][0]
+  assert len(r["processes"]) == 2 and all(len(p["times_s"]["nap"]) == 1 for p in r["processes"])
+  nap = {row["variant"]: row for row in r["rows"]}["nap"]
+  assert nap["x_plain"] == pytest.approx(np.median(train_step.ratio_samples(r, "nap", "plain")))
+  assert nap["x_ci"] is None and nap["verdict"] in {"met", "missed", "on the bound"}    # 2 processes: no interval
+  assert "Medians over 2 processes of 1 rounds each" in capsys.readouterr().out
