@@ -282,9 +282,10 @@ def median_interval(samples, level: float = 0.95) -> Optional[tuple[float, float
 
 def ratio_samples(r: dict, name: str, ref: str) -> np.ndarray:
   """What a ratio's interval is taken over: the per-round ratios of a regime measured in one process, or, for one
-  measured in several (`--processes`), each process's median ratio. Rounds of one process share that process's
-  placement of every step's buffers in memory, which can shift a ratio by several percent for the whole run
-  (identical programs agree within the run: the control), so only the spread over processes covers it."""
+  measured in several (`--processes`), each process's median ratio. A step can run a few percent faster or slower
+  than its twin for the whole life of a process (whatever fixes it, the step's memory, its threads, the machine's
+  load over those minutes, is shared by all of that process's rounds), so only the spread over processes covers
+  it."""
   if r.get("processes"):
     return np.array([ratio(p["times_s"], name, ref) for p in r["processes"]])
   return round_ratios(r["times_s"], name, ref)
