@@ -293,11 +293,11 @@ def ratio_samples(r: dict, name: str, ref: str) -> np.ndarray:
 
 def judge(r: dict) -> None:
   """Adds to every row of a regime the 95% interval of its ratio to its target's reference, else to plain
-  (`x_ci`, from the per-round ratios in `times_s`), and to a row with a target two judgments: `meets_target`
-  on the medians alone (as runs before the intervals were judged), and a verdict: "met" when the whole interval
-  is within the bound (and the memory, which is exact, too), "missed" when the whole interval is above it (or
-  the memory is), "on the bound" when the interval straddles it: the run cannot tell. With too few rounds for
-  an interval, the median decides."""
+  (`x_ci`, over `ratio_samples`: the per-round ratios, or the process medians), and to a row with a target two
+  judgments: `meets_target` on the medians alone (as runs before the intervals were judged), and a verdict:
+  "met" when the whole interval is within the bound (and the memory, which is exact, too), "missed" when the
+  whole interval is above it (or the memory is), "on the bound" when the interval straddles it: the run cannot
+  tell. With too few samples for an interval, the median decides."""
   for row in r["rows"]:
     ref = row.get("target_of") or "plain"
     row["x_ci"] = median_interval(ratio_samples(r, row["variant"], ref))

@@ -218,7 +218,7 @@ ENTRY %main.1 (p: f32[1000], q: f32[10,20], r: pred[]) -> f32[10,30] {
   assert int(nap[1]) > int(plain[1]) and float(nap[5]) > 0      # the projection's norms and rescaling
 
 
-def _run(rounds: int, plain_s: float, v_s: float, rows_extra=None) -> dict:
+def _run(rounds: int, plain_s: float, v_s: float) -> dict:
   """One process's regime: `rounds` rounds in which plain took `plain_s` and the targeted variant v `v_s`."""
   rows = [{"variant": "plain", "target": None, "ms": 1e3 * plain_s, "x_plain": 1.0, "gflop_per_s": 1.0},
           {"variant": "v", "target": 1.03, "memory_target": None, "target_of": "plain", "ms": 1e3 * v_s,
