@@ -291,6 +291,13 @@ def ratio_samples(r: dict, name: str, ref: str) -> np.ndarray:
   return round_ratios(r["times_s"], name, ref)
 
 
+def target_ratios(row: dict) -> tuple[float, float]:
+  """A targeted row's time and peak-memory ratios to what its target is on: LoRA for DoRA, plain for the rest."""
+  if (row.get("target_of") or "plain") == "plain":
+    return row["x_plain"], row["memory_x_plain"]
+  return row["x_ref"], row["memory_x_ref"]
+
+
 def judge(r: dict) -> None:
   """Adds to every row of a regime the 95% interval of its ratio to its target's reference, else to plain
   (`x_ci`, over `ratio_samples`: the per-round ratios, or the process medians), and to a row with a target two
@@ -303,7 +310,7 @@ def judge(r: dict) -> None:
     row["x_ci"] = median_interval(ratio_samples(r, row["variant"], ref))
     if not row.get("target"):
       continue
-    x, mem = (row["x_plain"], row["memory_x_plain"]) if ref == "plain" else (row["x_ref"], row["memory_x_ref"])
+    x, mem = target_ratios(row)
     memory_ok = row["memory_target"] is None or mem <= row["memory_target"]
     row["meets_target"] = bool(x <= row["target"] and memory_ok)
     ci = row["x_ci"] or (x, x)
@@ -391,8 +398,7 @@ def regime_in_processes(d_model: int, batch: int, seq: int, args) -> dict:
       with open(path) as f:
         run = json.load(f)["regimes"][0]
       runs.append(run)
-      targeted = ", ".join(f"{row['variant']} {row['x_ref' if row['target_of'] != 'plain' else 'x_plain']:.3f}"
-                           for row in run["rows"] if row.get("target"))
+      targeted = ", ".join(f"{row['variant']} {target_ratios(row)[0]:.3f}" for row in run["rows"] if row.get("target"))
       print(f"  process {i + 1}/{args.processes} ({time.perf_counter() - t0:.0f} s): {targeted}", file=sys.stderr)
   return combine(runs)
 
