@@ -40,7 +40,7 @@ class Setup:
   collections: dict       # other variable collections, e.g. batch_stats
   rparams: dict
   tx: Any
-  forward: Callable       # (rparams, collections, x, train, rng) -> (logits, collections)
+  forward: Callable       # (rparams, collections, x, train, rng, scales=None) -> (logits, collections)
   eval_step: Callable     # (params, collections, batch) -> (loss, accuracy, weight)
   init_fn: Callable = None  # jitted (key, x) -> the model's variables
 
@@ -212,8 +212,9 @@ def build(config, like: Setup | None = None) -> Setup:
                                   rngs={"dropout": jax.random.fold_in(key, 2)}, mutable=list(collections))
   if like is not None:
     return dataclasses.replace(like, config=config, params=params, collections=collections, rparams=rparams)
-  # The training step applies updates with reparam.optim.apply_updates, which projects (NaP) itself: faster.
-  tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps, deferred_projection=True)
+  # NaP projects lazily: the state holds the unprojected q and the step computes with c·q in activation space
+  # (`train.make_train_step`); two passes over every projected weight fewer than writing the projection.
+  tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps, lazy_projection=True)
   return Setup(config, dataset, model, rules, params, collections, rparams, tx,
                forward_fn(model, rules, config.train.get("fast_path", True), config.train.get("space", "auto")),
                _eval_fn(model), init_fn)
@@ -243,13 +244,15 @@ def check(config, datasets: dict | None = None) -> None:
 
 
 def forward_fn(model, rules, fast: bool, space: str = "auto"):
-  def forward(rp, collections, x, train, rng):
+  def forward(rp, collections, x, train, rng, scales=None):
+    """`scales`: NaP's lazy projection (`reparam.optim.projection_scales`): the model computes with c·q."""
     mutable = list(collections) if (train and collections) else False
     kwargs = dict(train=train, rngs={"dropout": rng}, mutable=mutable)
     if fast and hasattr(reparam, "apply"):
-      out = reparam.apply(rules, model, rp, x, collections=collections, space=space, **kwargs)
+      out = reparam.apply(rules, model, rp, x, collections=collections, space=space, scales=scales, **kwargs)
     else:
-      out = model.apply({"params": reparam.materialize(rules, rp), **collections}, x, **kwargs)
+      params = reparam.materialize(rules, reparam.core.scaled(rp, scales or {}))
+      out = model.apply({"params": params, **collections}, x, **kwargs)
     return (out[0], {**collections, **out[1]}) if mutable else (out, collections)
   return forward
 

@@ -127,14 +127,19 @@ def make_train_step(s: Setup, vmapped: bool = False):
   def step_fn(state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
+    # NaP projects lazily: the state holds q, the weights are p = c·q. The model computes with them in activation
+    # space and hands back ∂L/∂p; the optimizer steps from p (its c·q fuses into AdamW's pass) to the next q.
+    scales = reparam.optim.projection_scales(state["rparams"], state["opt_state"])
+
     def loss_fn(rp):
-      logits, cols = s.forward(rp, state["collections"], batch["x"], True, rng)
+      logits, cols = s.forward(rp, state["collections"], batch["x"], True, rng, scales)
       loss, acc, _ = loss_and_accuracy(logits, batch["y"])
       return loss, (acc, cols)
 
     (loss, (acc, cols)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["rparams"])
-    updates, opt_state = s.tx.update(grads, state["opt_state"], state["rparams"])
-    new = {"rparams": reparam.optim.apply_updates(state["rparams"], updates, opt_state), "opt_state": opt_state,
+    weights = reparam.optim.projected(state["rparams"], state["opt_state"], scales)
+    updates, opt_state = s.tx.update(grads, state["opt_state"], weights)
+    new = {"rparams": reparam.optim.apply_updates(weights, updates, opt_state), "opt_state": opt_state,
            "collections": cols}
     leaves = jax.tree.leaves(grads if on_grads else new["rparams"])
     bad_leaves = nonfinite_leaves([leaves[i] for i in watch], screen=not vmapped)
@@ -155,6 +160,13 @@ def make_train_step(s: Setup, vmapped: bool = False):
   return step_fn
 
 
+def weights(state: dict, stacked: bool = False):
+  """The weights a state's `rparams` stand for: with NaP's lazy projection they hold the unprojected `q`, and
+  this is `c·q` (`reparam.optim.projected`); otherwise `rparams` itself. `stacked`: seeds on a leading axis."""
+  project = jax.vmap(reparam.optim.projected) if stacked else reparam.optim.projected
+  return project(state["rparams"], state["opt_state"])
+
+
 def init_state(s: Setup) -> dict:
   return {"step": jnp.zeros((), jnp.int32), "rparams": s.rparams, "opt_state": s.tx.init(s.rparams),
           "collections": s.collections, "rng": jax.random.key_data(jax.random.key(s.config.seed + 1)),
@@ -169,7 +181,7 @@ def evaluate(s: Setup, state: dict, mesh, seeds: Optional["SeedEval"] = None) ->
   (a list of results, one per seed): the test split is the same for every seed."""
   # For seeds, the merge is inside the vmapped program (one compilation instead of two; it is O(params) per
   # batch against the batch's O(batch·params) forward).
-  params = state["rparams"] if seeds else reparam.merge(s.rules, state["rparams"])
+  params = weights(state, bool(seeds)) if seeds else reparam.merge(s.rules, weights(state))
   eval_step = seeds.eval_step if seeds else s.eval_step
   step = int(np.ravel(state["step"])[0])
   totals = np.zeros((seeds.n if seeds else 1, 3))
@@ -348,7 +360,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
   for step in range(start + 1, tcfg.steps + 1):
     batch = _batch(runs, step - 1, mesh, stacked)
     diag_due = tcfg.diagnostics_every and step % tcfg.diagnostics_every == 0
-    prev = jax.tree.map(jnp.copy, state["rparams"]) if diag_due else None   # the step donates its input
+    prev = jax.tree.map(jnp.copy, weights(state, stacked)) if diag_due else None   # the step donates its input
     state = step_fn(state, batch)
     _fault("step", step)
     log_due = step % tcfg.log_every == 0 or step == tcfg.steps
@@ -364,7 +376,7 @@ def train_seeds(configs: list, workdirs: list[str]) -> list[dict[str, Any]]:
     small = jax.device_get({k: state[k] for k in ("step", "sums", "bad_step", "bad_leaves")})
     evals = evaluate(s, state, mesh, seed_evaluator) if eval_due and stacked else None
     host = jax.device_get(state) if ckpt_due and stacked else None
-    stats = jax.device_get(diag_fn(prev, state["rparams"], base)) if diag_due else None
+    stats = jax.device_get(diag_fn(prev, weights(state, stacked), base)) if diag_due else None
     for i, run in enumerate(runs):
       counters = seed_of(small, i)
       if diag_due:
@@ -541,7 +553,7 @@ def _check_resumable(config, workdir: str) -> None:
 
 def _finish(run: Run, state: dict, final: dict) -> dict:
   s = run.setup
-  params = reparam.merge(s.rules, state["rparams"])
+  params = reparam.merge(s.rules, weights(state))
   tmp = os.path.join(run.workdir, ".params.msgpack.tmp")
   with open(tmp, "wb") as f:
     f.write(serialization.to_bytes(jax.device_get(params)))

@@ -287,6 +287,42 @@ def merge(rules: Rules, rparams):
   return _merge(_StaticRules(tuple(r) for r in rules), rparams)
 
 
+def scaled(rparams, scales: Mapping[str, jax.Array]):
+  """`rparams` with the leaf at each path of `scales` multiplied by its scalar, *differentiated as the product*:
+  the cotangent returned for such a leaf is the one of `scale · leaf`, not `scale ·` that.
+
+  This is how a lazily projected weight (`reparam.optim`'s NaP with `lazy_projection`) enters a model: the state
+  keeps `q`, the model computes with `p = c·q`, and the optimizer needs `∂L/∂p`. `c` is a constant here (its
+  cotangent is zero): the projection is not part of the model. Paths are rparams paths (`Dense_0/kernel`, or
+  `Dense_0/kernel/w` inside a wrapped leaf). `reparam.apply(..., scales=)` runs a plain Dense, DenseGeneral or
+  Conv with such a kernel as `c·(x·q)` instead, never forming `c·q`."""
+  if not scales:
+    return rparams
+  missing = sorted(set(scales) - set(flatten(rparams)))
+  if missing:
+    raise ConfigError(f"scales: {missing[0]!r} is not a leaf of rparams; leaves are: "
+                      + ", ".join(list(flatten(rparams))[:8]))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: scaled_leaf(x, scales[path_str(p)]) if path_str(p) in scales else x, rparams)
+
+
+@jax.custom_vjp
+def scaled_leaf(x: jax.Array, c: jax.Array) -> jax.Array:
+  """`c·x` in x's dtype (the product taken in float32), whose cotangent passes to `x` unchanged (see `scaled`)."""
+  return (x.astype(jnp.float32) * c).astype(x.dtype)
+
+
+def _scaled_leaf_fwd(x, c):
+  return scaled_leaf(x, c), c
+
+
+def _scaled_leaf_bwd(c, g):
+  return g, jnp.zeros_like(c)
+
+
+scaled_leaf.defvjp(_scaled_leaf_fwd, _scaled_leaf_bwd)
+
+
 def default_role(path: str, ndim: int) -> str:
   """The role of an unwrapped leaf, recognized from its path and rank (see `HEAD_MODULES`, `NORM_MODULES`)."""
   parts = path.split("/")

@@ -28,6 +28,7 @@ NNX: `apply` is for linen. An NNX model uses `materialize` through `nnx.split`/`
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -35,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reparam.core import ConfigError, NoFastForm, Rules, _compile, _map_wrapped
+from reparam.core import ConfigError, NoFastForm, Rules, _compile, _map_wrapped, flatten, scaled
 from reparam.layout import Layout, resolve
 
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
@@ -167,15 +168,18 @@ def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, notes
   # it (nn.scan) or a mapped copy (nn.map_variables), else the stored weight is not what it multiplies by.
   if module.get_variable("params", "kernel") is not kernel:
     raise NoFastForm("the layer does not see the wrapped kernel as is (lifted transform or variable mapping)")
-  if len(call_args) + len(call_kwargs) != 1:
-    raise NoFastForm("unexpected call arguments")
-  x = jnp.asarray(call_args[0] if call_args else next(iter(call_kwargs.values())))
+  x = _x_of(call_args, call_kwargs)
   layer = layer_of(module, x, w, by_cost, notes)
   busy.append(module)      # the clones `layer.matmul` applies are our own calls: not to be intercepted
   try:
     y = t.linear(factors, w, x, layer)
   finally:
     busy.pop()
+  return _with_bias(module, x, kernel, y)
+
+
+def _with_bias(module, x, kernel, y):
+  """The layer's output from its bias-free product `y`: plus the bias, in the dtype the layer would return."""
   bias = module.get_variable("params", "bias") if module.use_bias else None
   dtype = module.dtype or jnp.result_type(x, kernel, *([] if bias is None else [bias]))
   if bias is not None:     # bias shape == the output units, trailing in y
@@ -183,15 +187,62 @@ def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, notes
   return y.astype(dtype)
 
 
+def _x_of(call_args, call_kwargs) -> jax.Array:
+  if len(call_args) + len(call_kwargs) != 1:
+    raise NoFastForm("unexpected call arguments")
+  return jnp.asarray(call_args[0] if call_args else next(iter(call_kwargs.values())))
+
+
+def _scaled_call(module, entry, call_args, call_kwargs, busy):
+  """A plain layer whose kernel is scaled (`apply(..., scales=)`): `c·(x·q)`, with the cotangent of `c·q` for q."""
+  q, c, kernel = entry
+  if module.get_variable("params", "kernel") is not kernel:
+    raise NoFastForm("the layer does not see the scaled kernel as is (lifted transform or variable mapping)")
+  x = _x_of(call_args, call_kwargs)
+  layer = layer_of(module, x, q)
+  busy.append(module)
+  try:
+    y = _output_scaled(layer.matmul, x, q, c)
+  finally:
+    busy.pop()
+  return _with_bias(module, x, kernel, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _output_scaled(matmul, x, q, c):
+  """`c·matmul(x, q)` (= `matmul(x, c·q)`), differentiated as `matmul(x, p)` at `p = c·q`: x gets `c·(∂y·qᵀ)`,
+  q gets `∂p = xᵀ·∂y` (what `reparam.core.scaled` promises), c nothing. Never forms `c·q`: at 128 tokens of
+  d_model 512 a weight-sized product costs four times the activation-sized one."""
+  y = matmul(x, q)
+  return (y.astype(jnp.float32) * c).astype(y.dtype)
+
+
+def _output_scaled_fwd(matmul, x, q, c):
+  return _output_scaled(matmul, x, q, c), (x, q, c)
+
+
+def _output_scaled_bwd(matmul, res, g):
+  x, q, c = res
+  dx, dq = jax.vjp(matmul, x, q)[1](g)      # the product itself is dead code here: XLA drops it
+  return (dx.astype(jnp.float32) * c).astype(dx.dtype), dq, jnp.zeros_like(c)
+
+
+_output_scaled.defvjp(_output_scaled_fwd, _output_scaled_bwd)
+
+
 SPACES = ("auto", "activation")
 
 
 def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, space: str,
-         log: Optional[dict] = None):
+         log: Optional[dict] = None, scales: Optional[dict] = None):
   if space not in SPACES:
     raise ConfigError(f"space={space!r} is not one of: {', '.join(SPACES)}")
   by_cost = space == "auto" and jax.default_backend() != "cpu"
   entries = {}
+  # A scaled leaf enters every other read as c·q (dead code under jit where its plain layer runs `_scaled_call`).
+  stored, rparams = flatten(rparams), scaled(rparams, scales or {})
+  given = flatten(rparams)
+  lazily = {path: (stored[path], c, given[path]) for path, c in (scales or {}).items()}
 
   def on_wrapped(path, t, factors, w):
     kernel = t.apply(factors, w)      # still passed to the model; dead code under jit where the fast form runs
@@ -208,6 +259,11 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
     if busy or context.method_name != "__call__" or type(module) not in LAYERS:
       return next_fun(*call_args, **call_kwargs)
     path = "/".join((*module.path, "kernel"))
+    if path in lazily:
+      try:
+        return _scaled_call(module, lazily[path], call_args, call_kwargs, busy)
+      except NoFastForm:
+        return next_fun(*call_args, **call_kwargs)
     if path not in entries:
       return next_fun(*call_args, **call_kwargs)
     notes = []
@@ -226,17 +282,20 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
 
 
 def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, space: str = "auto",
-          **kwargs) -> Any:
+          scales: Optional[dict] = None, **kwargs) -> Any:
   """`model.apply({"params": materialize(rules, rparams), **collections}, *args, **kwargs)`, in activation space.
 
   Returns exactly what that call returns (including `mutable=` outputs) and has the same gradients with respect
   to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
   has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
   `space`: "auto" runs multipliers, weight norm and DoRA materialized, off CPU, on a layer whose activations
-  outnumber its weight (`Layer.activation_space_pays`); "activation" uses every form there is. Meant to be
+  outnumber its weight (`Layer.activation_space_pays`); "activation" uses every form there is. `scales`
+  (`{rparams path: scalar}`) runs the model on `reparam.core.scaled(rparams, scales)`: each such leaf is
+  multiplied by its scalar and differentiated as the product; an unwrapped Dense, DenseGeneral or Conv kernel
+  among them runs as `c·(x·q)`, in activation space (`reparam.optim`'s lazy NaP projection). Meant to be
   called inside `jit` (e.g. at the top of the loss); linen models only.
   """
-  return _run(rules, model, rparams, args, collections, kwargs, space)
+  return _run(rules, model, rparams, args, collections, kwargs, space, scales=scales)
 
 
 def explain(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, space: str = "auto",

@@ -511,3 +511,64 @@ def test_jitted_step_does_not_recompile():
   for _ in range(3):
     rp, state, loss = step(rp, state)
   assert len(traces) == 1 and step._cache_size() == 1 and np.isfinite(loss)
+
+
+# ------------------------------------------------------------------------- scaled leaves (NaP's lazy projection)
+
+def scaled_reference(rp, scales):
+  """`rp` with each leaf at a path of `scales` multiplied by it, in numpy float64 (then float32)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(np.asarray(x, np.float64) * float(scales[reparam.core.path_str(p)]), x.dtype)
+      if reparam.core.path_str(p) in scales else x, rp)
+
+
+@pytest.mark.parametrize("model_name", ["dense", "conv", "attention", "transformer"])
+def test_scaled_leaves_compute_with_and_are_differentiated_as_the_scaled_weights(model_name):
+  """`apply(..., scales=)` on q is `model.apply` on p = c·q, and the gradient it returns for q is ∂L/∂p: plain
+  kernels (run as c·(x·q)), a wrapped leaf's weight, an embedding, a LayerNorm's scale and bias."""
+  make = TRANSFORMS["mult_src"]
+  rules = ([(r".*/query/kernel", make(in_axes=0, out_axes=(1, 2)))] if model_name in ("attention", "transformer")
+           else [(r"Dense_0/kernel|Conv_0/kernel", make())])
+  model, x, q = setup(model_name, rules)
+  leaves = reparam.flatten(q)
+  # every other leaf scaled, the wrapped weight and every kernel, by factors away from 1
+  chosen = [p for i, p in enumerate(leaves) if p.endswith(("kernel", "/w")) or i % 2 == 0]
+  scales = {p: jnp.float32(0.5 + 0.25 * i) for i, p in enumerate(chosen)}
+  assert any(p.endswith("/w") for p in scales) and any(p.endswith("kernel") for p in scales)
+
+  fast_fn = lambda q: loss_of(reparam.apply(rules, model, q, x, scales=scales))
+  ref_fn = lambda p: loss_of(model.apply({"params": reparam.materialize(rules, p)}, x))
+  p = scaled_reference(q, scales)
+  (got, g_fast), (want, g_ref) = (jax.jit(jax.value_and_grad(fast_fn))(q),
+                                  jax.jit(jax.value_and_grad(ref_fn))(p))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert_grads_close(g_fast, g_ref, 1e-5)
+  # the check can fail: the gradient with respect to q itself (c is a constant) is c·∂L/∂p, not ∂L/∂p
+  scale_traced = lambda q: jax.tree_util.tree_map_with_path(
+      lambda p, x: x * scales.get(reparam.core.path_str(p), 1.0), q)
+  g_q = jax.grad(lambda q: ref_fn(scale_traced(q)))(q)
+  path = next(p for p in scales if p.endswith("kernel"))
+  assert not np.allclose(reparam.flatten(g_q)[path], reparam.flatten(g_ref)[path], rtol=1e-3)
+
+
+def test_a_scaled_plain_kernel_is_never_multiplied_by_its_scale():
+  """`c·(x·q)`, never `c·q`: no weight-shaped value computed from q, forward or backward (the loss is linear in
+  the output, so ∂L/∂p = xᵀ·r does not depend on q either); the reference `x·(c·q)` has one."""
+  d_in, d_out = 48, 40
+  model, x = nn.Dense(d_out), jax.random.normal(key(0), (16, d_in))
+  q = model.init(key(1), x)["params"]
+  scales = {"kernel": jnp.float32(0.7)}
+  r = jnp.cos(jnp.arange(16 * d_out, dtype=jnp.float32).reshape(16, d_out))
+  fast_fn = lambda q: jnp.sum(r * reparam.apply([], model, q, x, scales=scales))
+  ref_fn = lambda q: jnp.sum(r * model.apply({"params": reparam.core.scaled(q, scales)}, x))
+  weight = {f"f32[{d_in},{d_out}]", f"f32[{d_out},{d_in}]"}
+  computed = lambda f: [v for v in tainted_values(jax.jit(f).lower(q).compile().as_text(), weight, weight)
+                        if " = parameter " not in v]      # q itself, where it is passed (to a fusion, too)
+  assert not computed(fast_fn) and not computed(jax.grad(fast_fn)), (computed(fast_fn), computed(jax.grad(fast_fn)))
+  assert computed(ref_fn)         # the check can fail: the reference's forward forms c·q
+
+
+def test_scales_naming_no_leaf_are_refused():
+  model, x, q = setup("dense", [])
+  with pytest.raises(reparam.ConfigError, match="'Dense_9/kernel' is not a leaf of rparams; leaves are: Dense_0"):
+    reparam.apply([], model, q, x, scales={"Dense_9/kernel": jnp.float32(2.0)})

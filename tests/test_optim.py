@@ -1,5 +1,6 @@
 """reparam.optim on a small transformer LM: routing by role, Muon/AdamW updates against optax run on one leaf
 alone, frozen leaves, weight decay, Normalize-and-Project, schedules, config errors, and jit behaviour."""
+import dataclasses
 import functools
 import math
 
@@ -338,6 +339,60 @@ def test_deferred_projection_gives_the_transforms_numbers(lm, name, every):
   # a deferred state under optax.apply_updates does not project: the loop must use optim.apply_updates
   skipped = run(optim.make(cfg, RULES, rp, deferred_projection=True), rp, grads)[0][5]
   assert abs(nap_norms(skipped)["block_0/q/kernel/w"] / init["block_0/q/kernel/w"] - 1) > 1e-3
+
+
+def run_lazy(tx, params, grads):
+  """`run` as the training loop steps a lazy state: it keeps q and steps from the weights `projected(q)`."""
+  def step(q, s, g):
+    p = optim.projected(q, s)
+    u, s = tx.update(g, s, p)
+    return optim.apply_updates(p, u, s), s
+
+  step, state, history = jax.jit(step), tx.init(params), []
+  for g in grads:
+    params, state = step(params, state, g)
+    history.append(optim.projected(params, state))
+  return history, state, params
+
+
+@pytest.mark.parametrize("name,every", [("adamw", 1), ("muon", 1), ("adamw", 3)])
+def test_lazy_projection_gives_the_eager_numbers(lm, name, every):
+  """The stored q differs from the eager form's weights, but its projection is them, step after step."""
+  _, rp = lm
+  cfg = dict(name=name, learning_rate=0.05, adam_learning_rate=0.05, weight_decay=0.1, nap={"every": every})
+  grads = random_grads(rp, 7, seed=13)
+  now, _ = run(optim.make(cfg, RULES, rp), rp, grads)
+  lazy, state, q = run_lazy(optim.make(cfg, RULES, rp, lazy_projection=True), rp, grads[:6])
+  assert state[-1].lazy and int(state[-1].count) == 6
+  for a, b in zip(now, lazy):
+    for (path, x), y in zip(reparam.flatten(a).items(), reparam.flatten(b).values()):
+      np.testing.assert_allclose(y, x, rtol=2e-6, atol=1e-7, err_msg=path)
+  # step 6 is projected for every=1 and 3: the weights sit on the init norms, the stored q is off them
+  init, stored, weights = nap_norms(rp), nap_norms(q), nap_norms(lazy[-1])
+  for path in ("block_0/q/kernel/w", "head/kernel", "ln_f"):
+    np.testing.assert_allclose(weights[path], init[path], rtol=1e-5, err_msg=path)
+    assert abs(stored[path] / init[path] - 1) > 1e-3, path
+
+
+def test_projection_scales_follow_the_count_and_guard_zero_norms():
+  rp = {"w": jnp.arange(12.0).reshape(4, 3), "z": jnp.zeros((2, 2)), "ln": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
+  roles = {"w": "matrix", "z": "matrix", "ln": {"scale": "norm", "bias": "norm"}}
+  tx = optim.normalize_and_project(roles, every=2, lazy=True)
+  state = tx.init(rp)
+  q = {"w": 2.0 * rp["w"], "z": rp["z"], "ln": {"scale": 3.0 * rp["ln"]["scale"], "bias": jnp.full(3, 4.0)}}
+  ln0, ln = np.sqrt(3.0), np.sqrt(3 * 9.0 + 3 * 16.0)       # joint norms of (scale, bias): init, now
+  for count, due in ((0, False), (1, False), (2, True), (3, False), (4, True)):
+    c = optim.projection_scales(q, dataclasses.replace(state, count=jnp.int32(count)))
+    want = {"w": 0.5, "z": 1.0, "ln/scale": ln0 / ln, "ln/bias": ln0 / ln} if due else dict.fromkeys(c, 1.0)
+    assert set(c) == {"w", "z", "ln/scale", "ln/bias"}
+    for path, v in want.items():
+      np.testing.assert_allclose(float(c[path]), v, rtol=1e-6, err_msg=(count, path))
+  due = dataclasses.replace(state, count=jnp.int32(2))
+  p = optim.projected(q, due)
+  np.testing.assert_allclose(p["w"], rp["w"], rtol=1e-6)
+  np.testing.assert_allclose(np.sqrt(np.sum(np.square(p["ln"]["scale"])) + np.sum(np.square(p["ln"]["bias"]))),
+                             ln0, rtol=1e-6)
+  assert optim.projected(q, optax.EmptyState()) is q          # no lazy state: the params are the weights
 
 
 def test_apply_updates_without_a_deferred_state_is_optax_apply_updates():

@@ -223,6 +223,37 @@ def test_step_flags_the_trained_leaves_whose_gradients_are_nonfinite(clip):
   assert updated == (set(grads) - {"head/kernel"} if clip else flagged)
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_nap_step_projects_lazily_and_gives_the_eager_numbers(fast_path):
+  """The training step keeps NaP's unprojected q and computes with c·q: three steps give the weights of the
+  eager projection (`deferred_projection`, which writes them), while the stored values are off their norms;
+  the step compiles once."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  c = tiny(quickstart.get_config(), steps=3)
+  c.reparam.transform, c.model.norm, c.optimizer.nap, c.train.fast_path = "multipliers(row=True)", "layer", True, fast_path
+  c.optimizer.update(weight_decay=0.1, learning_rate=0.05)
+  s = train.build(c)
+  eager = dataclasses.replace(s, tx=reparam.optim.make(c.optimizer, s.rules, s.rparams, total_steps=c.train.steps,
+                                                       deferred_projection=True))
+  lazy_step, eager_step = (jax.jit(train.make_train_step(x)) for x in (s, eager))
+  lazy, ref = train.init_state(s), train.init_state(eager)
+  for i in range(3):
+    batch = {k: jnp.asarray(v) for k, v in s.dataset.batch(i, c.data.batch_size, c.seed).items()}
+    lazy, ref = lazy_step(lazy, batch), eager_step(ref, batch)
+    np.testing.assert_allclose(float(lazy["sums"]["loss"]), float(ref["sums"]["loss"]), rtol=1e-5)
+  assert lazy_step._cache_size() == 1
+  got, want, stored = (reparam.flatten(t) for t in (train.weights(lazy), ref["rparams"], lazy["rparams"]))
+  norm = lambda x: float(np.linalg.norm(np.asarray(x, np.float64)))
+  init = reparam.flatten(s.rparams)
+  for path in want:
+    np.testing.assert_allclose(got[path], want[path], rtol=2e-5, atol=1e-6, err_msg=path)
+  kernels = [p for p in want if p.endswith(("kernel", "kernel/w"))]
+  assert kernels and all(abs(norm(got[p]) / norm(init[p]) - 1) < 1e-5 for p in kernels)
+  assert all(abs(norm(stored[p]) / norm(init[p]) - 1) > 1e-4 for p in kernels)
+
+
 def test_train_space_reaches_the_fast_path(monkeypatch):
   """`--config.train.space` is what the training step's forward passes to `reparam.apply`."""
   import jax

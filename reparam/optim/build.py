@@ -4,7 +4,9 @@
                          partition({label: adamw | muon | set_to_zero}, labels from roles),
                          normalize_and_project)                     # if nap; last, it sees the final update
 
-(`deferred_projection=True`: NaP's projection waits for `reparam.optim.apply_updates`, as in the training loop.)
+(`deferred_projection=True`: NaP's projection waits for `reparam.optim.apply_updates`; `lazy_projection=True`:
+it is never written, and the training loop computes with `reparam.optim.projected(q, state)`; see
+`reparam.optim.nap`.)
 
 One partition label per role (per role and fan-in under width scaling), each an unmodified optax optimizer:
 `optax.adamw`, `optax.contrib.muon` (given the leaf's dimension numbers, so its update is exactly optax's) or
@@ -63,7 +65,7 @@ def _group(cfg: dict, route: Route, table: dict[str, Route], total_steps, dtypes
 
 
 def make(config, rules, rparams, total_steps: int | None = None, where: str = "optimizer",
-         deferred_projection: bool = False) -> optax.GradientTransformation:
+         deferred_projection: bool = False, lazy_projection: bool = False) -> optax.GradientTransformation:
   """The optimizer of `rparams` (`reparam.init(rules, params, key)`), routed by role.
 
   Args:
@@ -74,6 +76,9 @@ def make(config, rules, rparams, total_steps: int | None = None, where: str = "o
     where: the config's name in error messages (`optimizer.roles.gian: unknown role; valid: ...`).
     deferred_projection: NaP's projection is left to `reparam.optim.apply_updates`, which must then replace
       `optax.apply_updates` (one read of every projected weight less per step; see `reparam.optim.nap`).
+    lazy_projection: NaP's projection is never written: the params hold the unprojected `q`, and the step
+      computes with `reparam.optim.projected(q, state)` (two passes over every projected weight less per step
+      than `deferred_projection`; see `reparam.optim.nap.projection_scales`).
   Returns:
     an optax transformation; pass `params` to `update` (AdamW's decay and NaP need them).
   """
@@ -95,7 +100,8 @@ def make(config, rules, rparams, total_steps: int | None = None, where: str = "o
   if cfg["nap"]:
     roles_tree = jax.tree_util.tree_map_with_path(lambda p, _: table[path_str(p)].role, rparams)
     parts.append(normalize_and_project(roles_tree, every=cfg["nap"]["every"], roles=cfg["nap"]["roles"],
-                                       norm_roles=cfg["nap"]["norm_roles"], deferred=deferred_projection))
+                                       norm_roles=cfg["nap"]["norm_roles"], deferred=deferred_projection,
+                                       lazy=lazy_projection))
   return optax.chain(*parts)
 
 

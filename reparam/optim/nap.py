@@ -18,9 +18,18 @@ there is no scale to keep, and projecting it would pin it at zero forever.
 `optax.apply_updates`), which projects `params + updates` itself, the way `optax.projections` are applied after
 an update. The numbers are the same (one rounding fewer: no `p + (x·scale − p)`), and each step reads every
 projected weight once less: in the transform form `optax.apply_updates` must read `p` again to add it back,
-since `p + (y − p)` is not `y` in floating point. The training loop uses this form: on the LM of
-benchmarks/train_step.py (d_model 512, 128 tokens) its step moves 24.5 MiB less, peaks 4.5 MiB lower and takes
-0.982× the time of the transform form's (200 rounds side by side; at 4096 tokens 0.998×, no change).
+since `p + (y − p)` is not `y` in floating point. On the LM of benchmarks/train_step.py (d_model 512, 128
+tokens) its step moves 24.5 MiB less, peaks 4.5 MiB lower and takes 0.982× the time of the transform form's
+(200 rounds side by side; at 4096 tokens 0.998×, no change).
+
+`lazy=True` writes no projection at all, and is what the training loop uses. The norm of `q = p + u` must be
+complete before any of `c·q` can be written, so a written projection costs three passes over every projected
+weight (the norm's read, the rescaling's read and write; XLA:CPU fuses no reduction with its producer's other
+outputs). Lazily, the params keep `q`, and the step reads the weight `p = c·q` where it is used: the model as
+`c·(x·q)` for each projected Dense, DenseGeneral or Conv kernel (`reparam.apply(..., scales=)`, which hands
+back `∂L/∂p`), the optimizer as `c·q` fused into its own pass (`projected`), which leaves only the norm's read:
+on that LM's step 559.6 MiB moved against 607.1 (+1.1 passes over plain instead of +3.1). It is the same
+recursion: `q_{t+1} = p_t + u_t` is what the eager forms project, `p_{t+1} = c·q_{t+1}` their next weight.
 """
 from __future__ import annotations
 
@@ -42,15 +51,17 @@ class NormalizeAndProjectState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class DeferredProjectionState:
   """The state of `normalize_and_project(..., deferred=True)`: what `apply_updates` needs to project. `groups`
-  (rparams path -> projection group, as pairs) and `every` are static: part of the tree's structure, not leaves."""
+  (rparams path -> projection group, as pairs), `every` and `lazy` are static: part of the tree's structure, not
+  leaves. `lazy`: `apply_updates` does not project; the params hold `q` and `projected` gives the weights."""
   count: jax.Array
   targets: Any
   groups: tuple
   every: int
+  lazy: bool = False
 
 
 jax.tree_util.register_dataclass(DeferredProjectionState, data_fields=["count", "targets"],
-                                 meta_fields=["groups", "every"])
+                                 meta_fields=["groups", "every", "lazy"])
 
 
 def _groups(roles_tree, roles: Sequence[str], norm_roles: Sequence[str]) -> dict[str, str]:
@@ -77,21 +88,28 @@ def _group_norms(groups: dict[str, str], leaves: dict[str, jax.Array]) -> dict[s
   return {group: jnp.sqrt(s) for group, s in sq.items()}
 
 
-def _rescaled(tree, groups: dict[str, str], targets_tree) -> dict[str, jax.Array]:
-  """`{path: leaf · target/‖group‖}` for every projected leaf of `tree`, in the leaf's dtype: what both forms
-  project onto. A zero target (a zero-init leaf: nothing to keep) or a zero norm (no direction) scales by 1."""
-  leaves, targets = flatten(tree), flatten(targets_tree)
+def _scales(leaves: dict[str, jax.Array], groups: dict[str, str], targets: dict[str, jax.Array]
+            ) -> dict[str, jax.Array]:
+  """`{path: target/‖group‖}` (float32 scalars) for every projected leaf. A zero target (a zero-init leaf:
+  nothing to keep) or a zero norm (no direction) scales by 1."""
   norms = _group_norms(groups, leaves)
   out = {}
   for path, group in groups.items():
-    t, n, x = targets[path], norms[group], leaves[path]
-    scale = jnp.where((t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
-    out[path] = (x.astype(jnp.float32) * scale).astype(x.dtype)
+    t, n = targets[path], norms[group]
+    out[path] = jnp.where((t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
   return out
 
 
+def _rescaled(tree, groups: dict[str, str], targets_tree) -> dict[str, jax.Array]:
+  """`{path: leaf · target/‖group‖}` for every projected leaf of `tree`, in the leaf's dtype: what every form
+  projects onto (the product in float32, as `reparam.core.scaled_leaf` takes it)."""
+  leaves = flatten(tree)
+  scales = _scales(leaves, groups, flatten(targets_tree))
+  return {path: (leaves[path].astype(jnp.float32) * c).astype(leaves[path].dtype) for path, c in scales.items()}
+
+
 def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequence[str] = ("matrix", "head"),
-                          norm_roles: Sequence[str] = ("norm",), deferred: bool = False
+                          norm_roles: Sequence[str] = ("norm",), deferred: bool = False, lazy: bool = False
                           ) -> optax.GradientTransformation:
   """The NaP projection as the last optax transform of a chain.
 
@@ -103,6 +121,9 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
     norm_roles: roles projected jointly per parent module (a LayerNorm's scale and bias together).
     deferred: `update` passes the updates through and `apply_updates(params, updates, state)` projects (faster;
       `optax.apply_updates` would then not project at all).
+    lazy: `update` passes the updates through and nothing projects them: the params hold `q = p + u`, and
+      the weights are `projected(q, state)`, which the training step computes with in activation space
+      (`projection_scales`, `reparam.apply(..., scales=)`). Implies `deferred`. See `projected`.
   """
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
     raise ConfigError(f"normalize_and_project: every must be an integer >= 1, got {every!r}")
@@ -120,11 +141,11 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
 
   def init_fn(params):
     count, targets = jnp.zeros([], jnp.int32), targets_of(params) if fixed is None else fixed
-    if deferred:
-      return DeferredProjectionState(count, targets, tuple(groups.items()), every)
+    if deferred or lazy:
+      return DeferredProjectionState(count, targets, tuple(groups.items()), every, lazy)
     return NormalizeAndProjectState(count, targets)
 
-  if deferred:
+  if deferred or lazy:
     return optax.GradientTransformation(
         init_fn, lambda updates, state, params=None: (updates, dataclasses.replace(
             state, count=optax.safe_increment(state.count))))
@@ -163,13 +184,51 @@ def _project(params, state: DeferredProjectionState):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _deferred_states(opt_state) -> list[DeferredProjectionState]:
+  is_deferred = lambda x: isinstance(x, DeferredProjectionState)
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_deferred) if is_deferred(x)]
+
+
 def apply_updates(params, updates, opt_state):
   """`optax.apply_updates(params, updates)`, then every deferred NaP projection found in `opt_state` (the state
-  `update` returned with these updates). Without one it is exactly `optax.apply_updates`, so a training loop can
-  always call it."""
+  `update` returned with these updates) that is not lazy. Without one it is exactly `optax.apply_updates`, so a
+  training loop can always call it. With a lazy state, pass the *projected* params (`projected(q, opt_state)`
+  before the update): the result is the next `q`."""
   new = optax.apply_updates(params, updates)
-  is_deferred = lambda x: isinstance(x, DeferredProjectionState)
-  for state in jax.tree.leaves(opt_state, is_leaf=is_deferred):
-    if is_deferred(state):
+  for state in _deferred_states(opt_state):
+    if not state.lazy:
       new = _project(new, state)
   return new
+
+
+def projection_scales(params, opt_state) -> dict[str, jax.Array]:
+  """`{rparams path: c}` for every leaf a lazy NaP state in `opt_state` projects: the weight is `c·q` for the
+  stored `q` (`c = ‖K⁰‖/‖q‖`, jointly per norm layer; 1 between the steps `every` selects, at count 0, and for
+  a zero target or norm). Empty without a lazy state. Costs one read of each projected leaf (its norm).
+
+  Lazy projection is NaP's recursion exactly: the stored `q_t = p_{t-1} + u_{t-1}` is what the eager form would
+  project, so `p_t = c_t·q_t` is its weight (to a rounding), and the step feeds the optimizer `p_t` and `∂L/∂p_t`
+  (`reparam.apply(..., scales=)`). It saves the eager form's two weight passes per step (the rescaled write
+  and its read), and computes each projected layer as `c·(x·q)`: one multiply of its output instead."""
+  out = {}
+  leaves = None
+  for state in _deferred_states(opt_state):
+    if state.lazy:
+      leaves = flatten(params) if leaves is None else leaves
+      due = (state.count > 0) & (state.count % state.every == 0)
+      scales = _scales(leaves, dict(state.groups), flatten(state.targets))
+      out.update({path: jnp.where(due, c, 1.0) for path, c in scales.items()})
+  return out
+
+
+def projected(params, opt_state, scales: dict | None = None):
+  """The weights the params of a lazy NaP state stand for: each projected leaf multiplied by its
+  `projection_scales` (pass them if computed already), in the leaf's dtype. `params` itself without a lazy
+  state: read the weights through this wherever they are used outside the training step (evaluation, export,
+  diagnostics)."""
+  scales = projection_scales(params, opt_state) if scales is None else scales
+  if not scales:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: (x.astype(jnp.float32) * scales[path_str(kp)]).astype(x.dtype) if path_str(kp) in scales
+      else x, params)
