@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 import reparam
 from reparam.optim.build import SMALL
+from reparam.optim.nap import squares
 from experiments import checkpoint, data, diagnostics, models, results
 from experiments.setup import Setup, build, format_matches, loss_and_accuracy
 
@@ -60,12 +61,14 @@ def nonfinite_leaves(leaves: list[jax.Array], screen: bool = True) -> jax.Array:
   """One flag per leaf (in order): whether it holds a non-finite element; `screen=False` checks every leaf
   element by element, which is what a vmapped step should do (below).
 
-  Large leaves are screened by their sums, and checked element by element (`isfinite`) only when a sum is not
-  finite. A NaN or inf anywhere makes the sum non-finite, and a finite leaf's sum is non-finite only where it
-  overflows (|Σx| > 3.4e38), so the screen misses nothing and the exact check, which names the leaves, runs on
-  a bad step only. A bare sum is the cheapest reduction XLA:CPU has: over the benchmark LM's 14 large leaves
+  Large leaves are screened by their sums of squares, and checked element by element (`isfinite`) only when a
+  sum is not finite. A NaN or inf anywhere makes the sum non-finite, and a finite leaf's is non-finite only where
+  it overflows (Σx² > 3.4e38), so the screen misses nothing and the exact check, which names the leaves, runs
+  on a bad step only. A sum is the cheapest reduction XLA:CPU has: over the benchmark LM's 14 large leaves
   (25 MiB) 0.86 ms, against 3.0 ms for `all(isfinite(x))` (which writes a boolean array first) and 2.7 ms for
   `isfinite(sum(x·0))`; the training step at d_model 512 and 128 tokens got 4% faster (docs/performance.md).
+  Squares (`reparam.optim.nap.squares`, the same memory-bound pass) because NaP's lazy projection sums exactly
+  that for the norms of the updated weights: XLA then reads each of them once for both.
   Small leaves (multipliers, gains, norms: dozens of them under a transform) are concatenated and checked by one
   reduction, and only when that finds something one by one: at small batches a reduction per leaf costs more in
   kernel launches than in arithmetic. (Screening their concatenation by its sum too made XLA compute the
@@ -77,7 +80,7 @@ def nonfinite_leaves(leaves: list[jax.Array], screen: bool = True) -> jax.Array:
   big = [i for i, g in enumerate(leaves) if g.size > SMALL]
   parts = []
   if big:
-    sums = jnp.stack([jnp.sum(leaves[i]).astype(jnp.float32) for i in big])
+    sums = jnp.stack([jnp.sum(squares(leaves[i])) for i in big])
     parts.append(jax.lax.cond(jnp.all(jnp.isfinite(sums)), lambda xs: jnp.zeros(len(big), bool), _each_nonfinite,
                               [leaves[i] for i in big]))
   if small:
@@ -129,7 +132,7 @@ def make_train_step(s: Setup, vmapped: bool = False):
 
     # NaP projects lazily: the state holds q, the weights are p = c·q. The model computes with them in activation
     # space and hands back ∂L/∂p; the optimizer steps from p (its c·q fuses into AdamW's pass) to the next q.
-    scales = reparam.optim.projection_scales(state["rparams"], state["opt_state"])
+    scales = reparam.optim.projection_scales(state["opt_state"])
 
     def loss_fn(rp):
       logits, cols = s.forward(rp, state["collections"], batch["x"], True, rng, scales)

@@ -378,11 +378,12 @@ def test_projection_scales_follow_the_count_and_guard_zero_norms():
   rp = {"w": jnp.arange(12.0).reshape(4, 3), "z": jnp.zeros((2, 2)), "ln": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
   roles = {"w": "matrix", "z": "matrix", "ln": {"scale": "norm", "bias": "norm"}}
   tx = optim.normalize_and_project(roles, every=2, lazy=True)
-  state = tx.init(rp)
   q = {"w": 2.0 * rp["w"], "z": rp["z"], "ln": {"scale": 3.0 * rp["ln"]["scale"], "bias": jnp.full(3, 4.0)}}
+  _, state = tx.update(jax.tree.map(jnp.subtract, q, rp), tx.init(rp), rp)    # it records the norms of q
+  np.testing.assert_allclose(float(state.norms["w"]), np.linalg.norm(np.asarray(q["w"], np.float64)), rtol=1e-6)
   ln0, ln = np.sqrt(3.0), np.sqrt(3 * 9.0 + 3 * 16.0)       # joint norms of (scale, bias): init, now
   for count, due in ((0, False), (1, False), (2, True), (3, False), (4, True)):
-    c = optim.projection_scales(q, dataclasses.replace(state, count=jnp.int32(count)))
+    c = optim.projection_scales(dataclasses.replace(state, count=jnp.int32(count)))
     want = {"w": 0.5, "z": 1.0, "ln/scale": ln0 / ln, "ln/bias": ln0 / ln} if due else dict.fromkeys(c, 1.0)
     assert set(c) == {"w", "z", "ln/scale", "ln/bias"}
     for path, v in want.items():

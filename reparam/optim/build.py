@@ -77,8 +77,8 @@ def make(config, rules, rparams, total_steps: int | None = None, where: str = "o
     deferred_projection: NaP's projection is left to `reparam.optim.apply_updates`, which must then replace
       `optax.apply_updates` (one read of every projected weight less per step; see `reparam.optim.nap`).
     lazy_projection: NaP's projection is never written: the params hold the unprojected `q`, and the step
-      computes with `reparam.optim.projected(q, state)` (two passes over every projected weight less per step
-      than `deferred_projection`; see `reparam.optim.nap.projection_scales`).
+      computes with `reparam.optim.projected(q, state)` (three passes over every projected weight fewer per
+      step than `deferred_projection` in the training loop; see `reparam.optim.nap`).
   Returns:
     an optax transformation; pass `params` to `update` (AdamW's decay and NaP need them).
   """

@@ -27,8 +27,10 @@ complete before any of `c·q` can be written, so a written projection costs thre
 weight (the norm's read, the rescaling's read and write; XLA:CPU fuses no reduction with its producer's other
 outputs). Lazily, the params keep `q`, and the step reads the weight `p = c·q` where it is used: the model as
 `c·(x·q)` for each projected Dense, DenseGeneral or Conv kernel (`reparam.apply(..., scales=)`, which hands
-back `∂L/∂p`), the optimizer as `c·q` fused into its own pass (`projected`), which leaves only the norm's read:
-on that LM's step 559.6 MiB moved against 607.1 (+1.1 passes over plain instead of +3.1). It is the same
+back `∂L/∂p`), the optimizer as `c·q` fused into its own pass (`projected`). `update` records ‖q‖ for the
+next step, summing the `squares` of `params + updates`; the training loop's finiteness screen sums that same
+expression over the updated leaves, so XLA reads each one once for both. On that LM's step: 535.1 MiB moved
+against plain's 533.5 (+0.1 passes; written, +3.1), and 0.996× plain's time (six processes). It is the same
 recursion: `q_{t+1} = p_t + u_t` is what the eager forms project, `p_{t+1} = c·q_{t+1}` their next weight.
 """
 from __future__ import annotations
@@ -58,9 +60,10 @@ class DeferredProjectionState:
   groups: tuple
   every: int
   lazy: bool = False
+  norms: Any = None    # lazy: like targets, each projected leaf's group norm ‖q‖ of the params `update` made
 
 
-jax.tree_util.register_dataclass(DeferredProjectionState, data_fields=["count", "targets"],
+jax.tree_util.register_dataclass(DeferredProjectionState, data_fields=["count", "targets", "norms"],
                                  meta_fields=["groups", "every", "lazy"])
 
 
@@ -79,12 +82,20 @@ def _groups(roles_tree, roles: Sequence[str], norm_roles: Sequence[str]) -> dict
   return groups
 
 
+def squares(x: jax.Array) -> jax.Array:
+  """x², elementwise in float32: what a norm sums. The training step's finiteness screen sums the same
+  expression over each updated leaf, so that XLA computes a lazily projected leaf's norm and its screen in one
+  reduction, one read (`experiments.train.nonfinite_leaves`)."""
+  x = x.astype(jnp.float32)
+  return x * x
+
+
 def _group_norms(groups: dict[str, str], leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """‖·‖_F of each group, over all its leaves together, in float32."""
   sq = {}
   for path, group in groups.items():
-    x = leaves[path].astype(jnp.float32)
-    sq[group] = sq.get(group, 0.0) + jnp.sum(x * x)
+    s = jnp.sum(squares(leaves[path]))
+    sq[group] = sq[group] + s if group in sq else s
   return {group: jnp.sqrt(s) for group, s in sq.items()}
 
 
@@ -141,11 +152,25 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
 
   def init_fn(params):
     count, targets = jnp.zeros([], jnp.int32), targets_of(params) if fixed is None else fixed
-    if deferred or lazy:
-      return DeferredProjectionState(count, targets, tuple(groups.items()), every, lazy)
+    if lazy:
+      norms = targets if fixed is None else targets_of(params)
+      return DeferredProjectionState(count, targets, tuple(groups.items()), every, True,
+                                     jax.tree.map(lambda x: jnp.array(x, copy=True), norms))
+    if deferred:
+      return DeferredProjectionState(count, targets, tuple(groups.items()), every)
     return NormalizeAndProjectState(count, targets)
 
-  if deferred or lazy:
+  if lazy:
+    def lazy_update(updates, state, params=None):
+      if params is None:
+        raise ValueError("normalize_and_project(lazy=True) needs the params: call update(updates, state, params)")
+      # the norms of the next q = params + updates, as `apply_updates` will add them (the same expression: XLA
+      # computes it once), for the next step's `projection_scales`
+      return updates, dataclasses.replace(state, count=optax.safe_increment(state.count),
+                                          norms=targets_of(optax.apply_updates(params, updates)))
+    return optax.GradientTransformation(init_fn, lazy_update)
+
+  if deferred:
     return optax.GradientTransformation(
         init_fn, lambda updates, state, params=None: (updates, dataclasses.replace(
             state, count=optax.safe_increment(state.count))))
@@ -201,23 +226,23 @@ def apply_updates(params, updates, opt_state):
   return new
 
 
-def projection_scales(params, opt_state) -> dict[str, jax.Array]:
+def projection_scales(opt_state) -> dict[str, jax.Array]:
   """`{rparams path: c}` for every leaf a lazy NaP state in `opt_state` projects: the weight is `c·q` for the
   stored `q` (`c = ‖K⁰‖/‖q‖`, jointly per norm layer; 1 between the steps `every` selects, at count 0, and for
-  a zero target or norm). Empty without a lazy state. Costs one read of each projected leaf (its norm).
+  a zero target or norm). Empty without a lazy state. Reads no weight: the norms of `q` are the ones `update`
+  recorded when it made `q` (from `params + updates`, which `apply_updates` adds the same way).
 
   Lazy projection is NaP's recursion exactly: the stored `q_t = p_{t-1} + u_{t-1}` is what the eager form would
   project, so `p_t = c_t·q_t` is its weight (to a rounding), and the step feeds the optimizer `p_t` and `∂L/∂p_t`
-  (`reparam.apply(..., scales=)`). It saves the eager form's two weight passes per step (the rescaled write
-  and its read), and computes each projected layer as `c·(x·q)`: one multiply of its output instead."""
+  (`reparam.apply(..., scales=)`)."""
   out = {}
-  leaves = None
   for state in _deferred_states(opt_state):
     if state.lazy:
-      leaves = flatten(params) if leaves is None else leaves
       due = (state.count > 0) & (state.count % state.every == 0)
-      scales = _scales(leaves, dict(state.groups), flatten(state.targets))
-      out.update({path: jnp.where(due, c, 1.0) for path, c in scales.items()})
+      targets, norms = flatten(state.targets), flatten(state.norms)
+      for path in dict(state.groups):
+        t, n = targets[path], norms[path]
+        out[path] = jnp.where(due & (t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
   return out
 
 
@@ -226,7 +251,7 @@ def projected(params, opt_state, scales: dict | None = None):
   `projection_scales` (pass them if computed already), in the leaf's dtype. `params` itself without a lazy
   state: read the weights through this wherever they are used outside the training step (evaluation, export,
   diagnostics)."""
-  scales = projection_scales(params, opt_state) if scales is None else scales
+  scales = projection_scales(opt_state) if scales is None else scales
   if not scales:
     return params
   return jax.tree_util.tree_map_with_path(
