@@ -15,9 +15,10 @@ copy, a custom call):
 It is a model of memory traffic, not a measurement: an operand counts in full even where a kernel reads part of
 it, caches are ignored, a loop body (Muon's Newton–Schulz iterations) counts once, and a conditional counts its
 predicate only (the finiteness check's element-by-element branch runs on a bad step only). Its use is to say where a
-time ratio comes from: e.g. at 128 tokens NaP's step moves four more passes over the matrices than plain's (the
-norm of the updated weight must be complete before any of it can be scaled, and XLA:CPU fuses no reduction with
-its producer's other outputs). Targets and timings: `benchmarks/train_step.py`; findings: docs/performance.md.
+time ratio comes from: e.g. at 128 tokens NaP's step with the projection written (`nap, written`) moves three
+more passes over the matrices than plain's (the norm of the updated weight must be complete before any of it
+can be scaled, and XLA:CPU fuses no reduction with its producer's other outputs); projected lazily, as the
+training loop does, 0.1. Targets and timings: `benchmarks/train_step.py`; findings: docs/performance.md.
 """
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ runs on the materialized kernel, which is the reference: other layer types, mask
 DenseGeneral with `batch_dims`, a rule whose axes are not the layer's, a transform without `linear`, a kernel
 the layer sees through a lifted transform (`nn.scan`, `nn.remat`, `nn.map_variables`) or variable mapping, and,
 off CPU, a layer where the weight-space form is cheaper (`Layer.activation_space_pays`).
-`explain` says which path each wrapped kernel took.
+`explain` says which path each wrapped kernel took. `apply(..., scales={path: c})` multiplies leaves by
+constants with the scaled leaf's gradient (NaP's lazy projection, `reparam.core.scaled`); a plain layer whose
+kernel is scaled runs as `c·(x·q)`, never forming `c·q`.
 
 The model still receives the full materialized tree, so any other read of a kernel (a tied embedding, custom
 code) sees the effective weight; under `jit` the materializations nobody reads are dead code that XLA removes.
