@@ -311,6 +311,23 @@ def test_nap_every_k_projects_only_every_kth_step(lm):
       assert on_norm == (step % 3 == 0), (step, path, got[path], init[path])
 
 
+def nap_reference(lm, name, every):
+  """The LM's rparams, an optimizer config with NaP, 7 steps of gradients, and the parameters after each step
+  with the projection as an optax transform (the reference form)."""
+  _, rp = lm
+  cfg = dict(name=name, learning_rate=0.05, adam_learning_rate=0.05, weight_decay=0.1, nap={"every": every})
+  grads = random_grads(rp, 7, seed=13)
+  return rp, cfg, grads, run(optim.make(cfg, RULES, rp), rp, grads)[0]
+
+
+def assert_same_histories(got, want):
+  """Step by step and leaf by leaf, `got`'s parameters are `want`'s (as many steps as `got` has)."""
+  assert 0 < len(got) <= len(want)
+  for a, b in zip(want, got):
+    for (path, x), y in zip(reparam.flatten(a).items(), reparam.flatten(b).values()):
+      np.testing.assert_allclose(y, x, rtol=2e-6, atol=1e-7, err_msg=path)
+
+
 def run_deferred(tx, params, grads):
   """`run` with the training loop's update: `reparam.optim.apply_updates`, which projects deferred NaP states."""
   step = jax.jit(lambda p, s, g: (lambda u, s: (optim.apply_updates(p, u, s), s))(*tx.update(g, s, p)))
@@ -323,15 +340,10 @@ def run_deferred(tx, params, grads):
 
 @pytest.mark.parametrize("name,every", [("adamw", 1), ("muon", 1), ("adamw", 3)])
 def test_deferred_projection_gives_the_transforms_numbers(lm, name, every):
-  _, rp = lm
-  cfg = dict(name=name, learning_rate=0.05, adam_learning_rate=0.05, weight_decay=0.1, nap={"every": every})
-  grads = random_grads(rp, 7, seed=13)
-  now, state = run(optim.make(cfg, RULES, rp), rp, grads)
+  rp, cfg, grads, now = nap_reference(lm, name, every)
   later, deferred = run_deferred(optim.make(cfg, RULES, rp, deferred_projection=True), rp, grads)
   assert isinstance(deferred[-1], optim.DeferredProjectionState) and int(deferred[-1].count) == 7
-  for a, b in zip(now, later):     # every step, projected or not (every=3): the same parameters
-    for (path, x), y in zip(reparam.flatten(a).items(), reparam.flatten(b).values()):
-      np.testing.assert_allclose(y, x, rtol=2e-6, atol=1e-7, err_msg=path)
+  assert_same_histories(later, now)    # every step, projected or not (every=3): the same parameters
   # the projection really ran: the projected norms sit on their init values on the projected steps
   init, last = nap_norms(rp), nap_norms(later[5])       # step 6: projected for every=1 and every=3
   for path in ("block_0/q/kernel/w", "head/kernel", "ln_f"):
@@ -358,15 +370,10 @@ def run_lazy(tx, params, grads):
 @pytest.mark.parametrize("name,every", [("adamw", 1), ("muon", 1), ("adamw", 3)])
 def test_lazy_projection_gives_the_eager_numbers(lm, name, every):
   """The stored q differs from the eager form's weights, but its projection is them, step after step."""
-  _, rp = lm
-  cfg = dict(name=name, learning_rate=0.05, adam_learning_rate=0.05, weight_decay=0.1, nap={"every": every})
-  grads = random_grads(rp, 7, seed=13)
-  now, _ = run(optim.make(cfg, RULES, rp), rp, grads)
+  rp, cfg, grads, now = nap_reference(lm, name, every)
   lazy, state, q = run_lazy(optim.make(cfg, RULES, rp, lazy_projection=True), rp, grads[:6])
   assert state[-1].lazy and int(state[-1].count) == 6
-  for a, b in zip(now, lazy):
-    for (path, x), y in zip(reparam.flatten(a).items(), reparam.flatten(b).values()):
-      np.testing.assert_allclose(y, x, rtol=2e-6, atol=1e-7, err_msg=path)
+  assert_same_histories(lazy, now)
   # step 6 is projected for every=1 and 3: the weights sit on the init norms, the stored q is off them
   init, stored, weights = nap_norms(rp), nap_norms(q), nap_norms(lazy[-1])
   for path in ("block_0/q/kernel/w", "head/kernel", "ln_f"):
