@@ -306,10 +306,16 @@ def scaled(rparams, scales: Mapping[str, jax.Array]):
       lambda p, x: scaled_leaf(x, scales[path_str(p)]) if path_str(p) in scales else x, rparams)
 
 
+def times(x: jax.Array, c) -> jax.Array:
+  """`x·c` in x's dtype, the product taken in float32 (c a scalar or broadcastable to x): how every weight is
+  rescaled here, so that a projection, a lazily projected weight and a transform round alike."""
+  return (x.astype(jnp.float32) * c).astype(x.dtype)
+
+
 @jax.custom_vjp
 def scaled_leaf(x: jax.Array, c: jax.Array) -> jax.Array:
-  """`c·x` in x's dtype (the product taken in float32), whose cotangent passes to `x` unchanged (see `scaled`)."""
-  return (x.astype(jnp.float32) * c).astype(x.dtype)
+  """`times(x, c)`, whose cotangent passes to `x` unchanged (see `scaled`)."""
+  return times(x, c)
 
 
 def _scaled_leaf_fwd(x, c):

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from reparam.core import ROLES, ConfigError, flatten, path_str
+from reparam.core import ROLES, ConfigError, flatten, path_str, times
 
 
 class NormalizeAndProjectState(NamedTuple):
@@ -99,24 +99,29 @@ def _group_norms(groups: dict[str, str], leaves: dict[str, jax.Array]) -> dict[s
   return {group: jnp.sqrt(s) for group, s in sq.items()}
 
 
+def _scale(target: jax.Array, norm: jax.Array) -> jax.Array:
+  """`target/norm`, or 1 for a zero target (a zero-init leaf: nothing to keep) or a zero norm (no direction)."""
+  return jnp.where((target > 0) & (norm > 0), target / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+
 def _scales(leaves: dict[str, jax.Array], groups: dict[str, str], targets: dict[str, jax.Array]
             ) -> dict[str, jax.Array]:
-  """`{path: target/‖group‖}` (float32 scalars) for every projected leaf. A zero target (a zero-init leaf:
-  nothing to keep) or a zero norm (no direction) scales by 1."""
+  """`{path: target/‖group‖}` (float32 scalars, `_scale`) for every projected leaf."""
   norms = _group_norms(groups, leaves)
-  out = {}
-  for path, group in groups.items():
-    t, n = targets[path], norms[group]
-    out[path] = jnp.where((t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
-  return out
+  return {path: _scale(targets[path], norms[group]) for path, group in groups.items()}
 
 
 def _rescaled(tree, groups: dict[str, str], targets_tree) -> dict[str, jax.Array]:
   """`{path: leaf · target/‖group‖}` for every projected leaf of `tree`, in the leaf's dtype: what every form
-  projects onto (the product in float32, as `reparam.core.scaled_leaf` takes it)."""
+  projects onto (`reparam.core.times`, as the lazy form's `projected` and `scaled_leaf` take it)."""
   leaves = flatten(tree)
   scales = _scales(leaves, groups, flatten(targets_tree))
-  return {path: (leaves[path].astype(jnp.float32) * c).astype(leaves[path].dtype) for path, c in scales.items()}
+  return {path: times(leaves[path], c) for path, c in scales.items()}
+
+
+def _require_params(params) -> None:
+  if params is None:
+    raise ValueError("normalize_and_project needs the params: call update(updates, state, params)")
 
 
 def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequence[str] = ("matrix", "head"),
@@ -152,18 +157,15 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
 
   def init_fn(params):
     count, targets = jnp.zeros([], jnp.int32), targets_of(params) if fixed is None else fixed
-    if lazy:
-      norms = targets if fixed is None else targets_of(params)
-      return DeferredProjectionState(count, targets, tuple(groups.items()), every, True,
-                                     jax.tree.map(lambda x: jnp.array(x, copy=True), norms))
+    if lazy:     # the norms of the params given, computed apart from the targets: buffers of their own
+      return DeferredProjectionState(count, targets, tuple(groups.items()), every, True, targets_of(params))
     if deferred:
       return DeferredProjectionState(count, targets, tuple(groups.items()), every)
     return NormalizeAndProjectState(count, targets)
 
   if lazy:
     def lazy_update(updates, state, params=None):
-      if params is None:
-        raise ValueError("normalize_and_project(lazy=True) needs the params: call update(updates, state, params)")
+      _require_params(params)
       # the norms of the next q = params + updates, as `apply_updates` will add them (the same expression: XLA
       # computes it once), for the next step's `projection_scales`
       return updates, dataclasses.replace(state, count=optax.safe_increment(state.count),
@@ -176,8 +178,7 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
             state, count=optax.safe_increment(state.count))))
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("normalize_and_project needs the params: call update(updates, state, params)")
+    _require_params(params)
     rescaled = _rescaled(jax.tree.map(lambda p, u: p + u, params, updates), groups, state.targets)
     count = optax.safe_increment(state.count)
     project = count % every == 0
@@ -241,8 +242,7 @@ def projection_scales(opt_state) -> dict[str, jax.Array]:
       due = (state.count > 0) & (state.count % state.every == 0)
       targets, norms = flatten(state.targets), flatten(state.norms)
       for path in dict(state.groups):
-        t, n = targets[path], norms[path]
-        out[path] = jnp.where(due & (t > 0) & (n > 0), t / jnp.where(n > 0, n, 1.0), 1.0)
+        out[path] = jnp.where(due, _scale(targets[path], norms[path]), 1.0)
   return out
 
 
@@ -255,5 +255,4 @@ def projected(params, opt_state, scales: dict | None = None):
   if not scales:
     return params
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: (x.astype(jnp.float32) * scales[path_str(kp)]).astype(x.dtype) if path_str(kp) in scales
-      else x, params)
+      lambda kp, x: times(x, scales[path_str(kp)]) if path_str(kp) in scales else x, params)

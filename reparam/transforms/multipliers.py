@@ -15,7 +15,7 @@ import math
 
 import jax.numpy as jnp
 
-from reparam.core import ConfigError, Reparam
+from reparam.core import ConfigError, Reparam, times
 from reparam.layout import Axes, expand, resolve
 
 
@@ -45,7 +45,7 @@ def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
       scale = scale * expand(factors["row"], layout, layout.outputs)
     if "col" in factors:
       scale = scale * expand(factors["col"], layout, layout.inputs)
-    return (w.astype(jnp.float32) * scale).astype(w.dtype)
+    return times(w, scale)
 
   def linear(factors, w, x, layer):
     """Activation space: `y = s · r ⊙ ((x ⊙ c) K)`, exact since `c` scales the contracted input features and

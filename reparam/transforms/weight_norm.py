@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from reparam.core import Reparam
+from reparam.core import Reparam, times
 from reparam.layout import Axes, Layout, expand, norm, resolve
 
 
@@ -32,7 +32,7 @@ def weight_norm(eps: float = 1e-6, in_axes: Axes = -2, out_axes: Axes = -1) -> R
   def apply(factors, w):
     layout = resolve(w.ndim, in_axes, out_axes)
     scale = factors["g"].astype(jnp.float32) / norm(w, layout, eps)
-    return (w.astype(jnp.float32) * expand(scale, layout, layout.outputs)).astype(w.dtype)
+    return times(w, expand(scale, layout, layout.outputs))
 
   def linear(factors, w, x, layer):
     """Activation space: `y = (x V) ⊙ g/‖V‖₀`; reading V for its norm is the one O(in·out) cost left."""
