@@ -103,7 +103,7 @@ class Variant:
   fast: bool = True                                  # reparam.apply (activation space) or materialize
   space: str = "auto"                                # reparam.apply's choice of space where fast
   flax_weight_norm: bool = False
-  lazy_projection: bool = True                       # NaP: computes with c·q (as the loop) or writes the projection
+  projection: str = "lazy"                           # NaP: computes with c·q (as the loop) or writes it ("deferred")
   ref: Optional[str] = None
   target: Optional[float] = None                     # the bound on the time ratio to `target_of`
   memory_target: Optional[float] = None              # and on the peak-memory ratio
@@ -128,7 +128,7 @@ def variants(rank: int) -> list[Variant]:
       Variant("weight_norm, materialized", reparam.weight_norm(), fast=False),
       Variant("flax.linen.WeightNorm", flax_weight_norm=True),
       Variant("nap", optimizer={"nap": True}, target=1.05),
-      Variant("nap, written", optimizer={"nap": True}, lazy_projection=False),    # the projection before 2026-12-06
+      Variant("nap, written", optimizer={"nap": True}, projection="deferred"),    # the projection before 2026-12-06
       Variant(lora, reparam.lora(rank)),
       Variant(f"dora r{rank}", reparam.dora(rank), **dora_target),
       Variant(f"dora r{rank}, remat", reparam.dora(rank, remat=True), **dora_target),    # nothing kept for m
@@ -239,8 +239,7 @@ def build_step(v: Variant, d_model: int, batch: int, seq: int, key, dtype=jnp.fl
         config=ml_collections.ConfigDict({"seed": 0, "train": {"log_every": 1000, "skip_nonfinite": False},
                                          "optimizer": opt}),
         forward=setup.forward_fn(model, rules, v.fast, v.space), rparams=rparams, collections={}, rules=rules,
-        tx=reparam.optim.make(opt, rules, rparams, deferred_projection=not v.lazy_projection,
-                              lazy_projection=v.lazy_projection))     # as experiments.setup makes it
+        tx=reparam.optim.make(opt, rules, rparams, projection=v.projection))     # as experiments.setup makes it
     state = train.init_state(s)
     compiled = jax.jit(train.make_train_step(s), donate_argnums=0).lower(state, data).compile()
   ns = newton_schulz_flops(opt, rules, rparams) if opt["name"] == "muon" else 0.0

@@ -214,7 +214,7 @@ def build(config, like: Setup | None = None) -> Setup:
     return dataclasses.replace(like, config=config, params=params, collections=collections, rparams=rparams)
   # NaP projects lazily: the state holds the unprojected q and the step computes with c·q in activation space
   # (`train.make_train_step`); three passes over every projected weight fewer than writing the projection.
-  tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps, lazy_projection=True)
+  tx = reparam.optim.make(config.optimizer, rules, rparams, total_steps=config.train.steps, projection="lazy")
   return Setup(config, dataset, model, rules, params, collections, rparams, tx,
                forward_fn(model, rules, config.train.get("fast_path", True), config.train.get("space", "auto")),
                _eval_fn(model), init_fn)

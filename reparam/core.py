@@ -291,7 +291,7 @@ def scaled(rparams, scales: Mapping[str, jax.Array]):
   """`rparams` with the leaf at each path of `scales` multiplied by its scalar, *differentiated as the product*:
   the cotangent returned for such a leaf is the one of `scale · leaf`, not `scale ·` that.
 
-  This is how a lazily projected weight (`reparam.optim`'s NaP with `lazy_projection`) enters a model: the state
+  This is how a lazily projected weight (`reparam.optim`'s NaP with `projection="lazy"`) enters a model: the state
   keeps `q`, the model computes with `p = c·q`, and the optimizer needs `∂L/∂p`. `c` is a constant here (its
   cotangent is zero): the projection is not part of the model. Paths are rparams paths (`Dense_0/kernel`, or
   `Dense_0/kernel/w` inside a wrapped leaf). `reparam.apply(..., scales=)` runs a plain Dense, DenseGeneral or

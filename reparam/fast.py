@@ -253,6 +253,7 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
   params = _map_wrapped(_compile(rules), rparams, on_wrapped, lambda path, x: x)
   if log is not None:
     log.update({p: "materialized: not called through nn.Dense, nn.DenseGeneral or nn.Conv" for p in entries})
+    log.update({p: "scaled: c·q (not the kernel of an nn.Dense, nn.DenseGeneral or nn.Conv call)" for p in lazily})
   busy = []
 
   def intercept(next_fun, call_args, call_kwargs, context):
@@ -262,9 +263,14 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
     path = "/".join((*module.path, "kernel"))
     if path in lazily:
       try:
-        return _scaled_call(module, lazily[path], call_args, call_kwargs, busy)
-      except NoFastForm:
+        y = _scaled_call(module, lazily[path], call_args, call_kwargs, busy)
+      except NoFastForm as e:
+        if log is not None:
+          log[path] = f"scaled: c·q ({e})"
         return next_fun(*call_args, **call_kwargs)
+      if log is not None:
+        log[path] = "scaled: c·(x·q)"
+      return y
     if path not in entries:
       return next_fun(*call_args, **call_kwargs)
     notes = []
@@ -300,12 +306,14 @@ def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[
 
 
 def explain(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[dict] = None, space: str = "auto",
-            **kwargs) -> dict[str, str]:
+            scales: Optional[dict] = None, **kwargs) -> dict[str, str]:
   """`{kernel path: "fast" | "materialized: <why>"}` for every wrapped leaf, from one abstract trace (no compute);
   a chain with a stage that ran on the materialized weight of itself and the stages before it reads
-  "fast; stage <name> materialized, with any stages before it: <why>"."""
+  "fast; stage <name> materialized, with any stages before it: <why>". With `scales` (as for `apply`), every
+  scaled leaf too: "scaled: c·(x·q)" where its plain layer ran in activation space, "scaled: c·q (<why>)"
+  where the model read the product."""
   log = {}
-  jax.eval_shape(lambda rp: _run(rules, model, rp, args, collections, kwargs, space, log), rparams)
+  jax.eval_shape(lambda rp: _run(rules, model, rp, args, collections, kwargs, space, log, scales), rparams)
   return log
 
 

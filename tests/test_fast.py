@@ -568,6 +568,19 @@ def test_a_scaled_plain_kernel_is_never_multiplied_by_its_scale():
   assert computed(ref_fn)         # the check can fail: the reference's forward forms c·q
 
 
+def test_explain_says_how_each_scaled_leaf_was_read():
+  rules = [(r".*/query/kernel", TRANSFORMS["mult_src"](in_axes=0, out_axes=(1, 2)))]
+  model, x, q = setup("transformer", rules)
+  scales = {p: jnp.float32(2.0) for p in reparam.flatten(q)}
+  taken = fast.explain(rules, model, q, x, scales=scales)
+  assert set(taken) == set(scales) | {p for p in taken if not taken[p].startswith("scaled")}
+  plain_kernels = {p for p in scales if p.endswith("/kernel")}      # query's is wrapped: its leaves end in /w etc.
+  assert plain_kernels and all(taken[p] == "scaled: c·(x·q)" for p in plain_kernels), taken
+  others = set(scales) - plain_kernels
+  assert others and all(taken[p].startswith("scaled: c·q (") for p in others), taken
+  assert fast.explain(rules, model, q, x) == {p: v for p, v in taken.items() if not v.startswith("scaled")}
+
+
 def test_scales_naming_no_leaf_are_refused():
   model, x, q = setup("dense", [])
   with pytest.raises(reparam.ConfigError, match="'Dense_9/kernel' is not a leaf of rparams; leaves are: Dense_0"):

@@ -341,7 +341,7 @@ def run_deferred(tx, params, grads):
 @pytest.mark.parametrize("name,every", [("adamw", 1), ("muon", 1), ("adamw", 3)])
 def test_deferred_projection_gives_the_transforms_numbers(lm, name, every):
   rp, cfg, grads, now = nap_reference(lm, name, every)
-  later, deferred = run_deferred(optim.make(cfg, RULES, rp, deferred_projection=True), rp, grads)
+  later, deferred = run_deferred(optim.make(cfg, RULES, rp, projection="deferred"), rp, grads)
   assert isinstance(deferred[-1], optim.DeferredProjectionState) and int(deferred[-1].count) == 7
   assert_same_histories(later, now)    # every step, projected or not (every=3): the same parameters
   # the projection really ran: the projected norms sit on their init values on the projected steps
@@ -349,7 +349,7 @@ def test_deferred_projection_gives_the_transforms_numbers(lm, name, every):
   for path in ("block_0/q/kernel/w", "head/kernel", "ln_f"):
     np.testing.assert_allclose(last[path], init[path], rtol=1e-5, err_msg=path)
   # a deferred state under optax.apply_updates does not project: the loop must use optim.apply_updates
-  skipped = run(optim.make(cfg, RULES, rp, deferred_projection=True), rp, grads)[0][5]
+  skipped = run(optim.make(cfg, RULES, rp, projection="deferred"), rp, grads)[0][5]
   assert abs(nap_norms(skipped)["block_0/q/kernel/w"] / init["block_0/q/kernel/w"] - 1) > 1e-3
 
 
@@ -371,7 +371,7 @@ def run_lazy(tx, params, grads):
 def test_lazy_projection_gives_the_eager_numbers(lm, name, every):
   """The stored q differs from the eager form's weights, but its projection is them, step after step."""
   rp, cfg, grads, now = nap_reference(lm, name, every)
-  lazy, state, q = run_lazy(optim.make(cfg, RULES, rp, lazy_projection=True), rp, grads[:6])
+  lazy, state, q = run_lazy(optim.make(cfg, RULES, rp, projection="lazy"), rp, grads[:6])
   assert state[-1].lazy and int(state[-1].count) == 6
   assert_same_histories(lazy, now)
   # step 6 is projected for every=1 and 3: the weights sit on the init norms, the stored q is off them
@@ -384,7 +384,7 @@ def test_lazy_projection_gives_the_eager_numbers(lm, name, every):
 def test_projection_scales_follow_the_count_and_guard_zero_norms():
   rp = {"w": jnp.arange(12.0).reshape(4, 3), "z": jnp.zeros((2, 2)), "ln": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}}
   roles = {"w": "matrix", "z": "matrix", "ln": {"scale": "norm", "bias": "norm"}}
-  tx = optim.normalize_and_project(roles, every=2, lazy=True)
+  tx = optim.normalize_and_project(roles, every=2, projection="lazy")
   q = {"w": 2.0 * rp["w"], "z": rp["z"], "ln": {"scale": 3.0 * rp["ln"]["scale"], "bias": jnp.full(3, 4.0)}}
   _, state = tx.update(jax.tree.map(jnp.subtract, q, rp), tx.init(rp), rp)    # it records the norms of q
   np.testing.assert_allclose(float(state.norms["w"]), np.linalg.norm(np.asarray(q["w"], np.float64)), rtol=1e-6)
@@ -475,11 +475,21 @@ def test_bad_configs_raise_one_line_naming_the_key(lm, config, total_steps, key)
 
 # -------------------------------------------------------------------------------------------------- jit
 
-@pytest.mark.parametrize("deferred", [False, True])
-def test_jitted_train_step_compiles_once_and_can_donate_its_state(lm, deferred):
+def test_unknown_projection_is_refused_naming_the_choices(lm):
+  for build in (lambda: optim.make(dict(MUON, nap={"every": 1}), RULES, lm[1], projection="lazzy"),
+                lambda: optim.make(MUON, RULES, lm[1], projection=True),     # checked even without NaP
+                lambda: optim.normalize_and_project({"w": "matrix"}, projection="written")):
+    with pytest.raises(reparam.ConfigError) as e:
+      build()
+    message = str(e.value)
+    assert "projection must be one of eager, deferred, lazy" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("projection", optim.PROJECTIONS)
+def test_jitted_train_step_compiles_once_and_can_donate_its_state(lm, projection):
   rp = jax.tree.map(jnp.copy, lm[1])       # donated below: the fixture's arrays must survive
   cfg = dict(MUON, schedule="cosine", warmup_steps=2, grad_clip_norm=1.0, nap={"every": 2})
-  tx = optim.make(cfg, RULES, rp, total_steps=10, deferred_projection=deferred)
+  tx = optim.make(cfg, RULES, rp, total_steps=10, projection=projection)
   model, traces = LM(), []
 
   def loss(rp, tokens):

@@ -226,7 +226,7 @@ def test_step_flags_the_trained_leaves_whose_gradients_are_nonfinite(clip):
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_nap_step_projects_lazily_and_gives_the_eager_numbers(fast_path):
   """The training step keeps NaP's unprojected q and computes with c·q: three steps give the weights of the
-  eager projection (`deferred_projection`, which writes them), while the stored values are off their norms;
+  eager projection (`projection="deferred"`, which writes them), while the stored values are off their norms;
   the step compiles once."""
   import dataclasses
   import jax
@@ -236,7 +236,7 @@ def test_nap_step_projects_lazily_and_gives_the_eager_numbers(fast_path):
   c.optimizer.update(weight_decay=0.1, learning_rate=0.05)
   s = train.build(c)
   eager = dataclasses.replace(s, tx=reparam.optim.make(c.optimizer, s.rules, s.rparams, total_steps=c.train.steps,
-                                                       deferred_projection=True))
+                                                       projection="deferred"))
   lazy_step, eager_step = (jax.jit(train.make_train_step(x)) for x in (s, eager))
   lazy, ref = train.init_state(s), train.init_state(eager)
   for i in range(3):

@@ -4,9 +4,8 @@
                          partition({label: adamw | muon | set_to_zero}, labels from roles),
                          normalize_and_project)                     # if nap; last, it sees the final update
 
-(`deferred_projection=True`: NaP's projection waits for `reparam.optim.apply_updates`; `lazy_projection=True`:
-it is never written, and the training loop computes with `reparam.optim.projected(q, state)`; see
-`reparam.optim.nap`.)
+(`projection="deferred"`: NaP's projection waits for `reparam.optim.apply_updates`; `projection="lazy"`: it is
+never written, and the training loop computes with `reparam.optim.projected(q, state)`; see `reparam.optim.nap`.)
 
 One partition label per role (per role and fan-in under width scaling), each an unmodified optax optimizer:
 `optax.adamw`, `optax.contrib.muon` (given the leaf's dimension numbers, so its update is exactly optax's) or
@@ -28,7 +27,7 @@ import optax
 
 from reparam.core import flatten as leaves_by_path, path_str
 from reparam.optim.config import check, check_schedule, schedule
-from reparam.optim.nap import normalize_and_project
+from reparam.optim.nap import check_projection, normalize_and_project
 from reparam.optim.routing import Route, labels, routes
 
 
@@ -65,7 +64,7 @@ def _group(cfg: dict, route: Route, table: dict[str, Route], total_steps, dtypes
 
 
 def make(config, rules, rparams, total_steps: int | None = None, where: str = "optimizer",
-         deferred_projection: bool = False, lazy_projection: bool = False) -> optax.GradientTransformation:
+         projection: str = "eager") -> optax.GradientTransformation:
   """The optimizer of `rparams` (`reparam.init(rules, params, key)`), routed by role.
 
   Args:
@@ -74,14 +73,15 @@ def make(config, rules, rparams, total_steps: int | None = None, where: str = "o
     rules, rparams: as for `reparam.roles`; only shapes of rparams are read (ShapeDtypeStructs work).
     total_steps: length of the run, needed by the cosine and linear schedules.
     where: the config's name in error messages (`optimizer.roles.gian: unknown role; valid: ...`).
-    deferred_projection: NaP's projection is left to `reparam.optim.apply_updates`, which must then replace
-      `optax.apply_updates` (one read of every projected weight less per step; see `reparam.optim.nap`).
-    lazy_projection: NaP's projection is never written: the params hold the unprojected `q`, and the step
-      computes with `reparam.optim.projected(q, state)` (three passes over every projected weight fewer per
-      step than `deferred_projection` in the training loop; see `reparam.optim.nap`).
+    projection: how NaP's projection is written, if the config has `nap` (same numbers each way; see
+      `reparam.optim.nap`): "eager" in the updates, as any optax transform; "deferred" by
+      `reparam.optim.apply_updates`, which must then replace `optax.apply_updates` (one read of every
+      projected weight fewer per step); "lazy" never: the params hold the unprojected `q`, and the step computes
+      with `reparam.optim.projected(q, state)` (three passes fewer than "deferred"; the training loop's way).
   Returns:
     an optax transformation; pass `params` to `update` (AdamW's decay and NaP need them).
   """
+  check_projection(projection, "make")
   cfg = check(config, where)
   check_schedule(cfg, total_steps, where)
   table = routes(cfg, rules, rparams, where)
@@ -100,8 +100,7 @@ def make(config, rules, rparams, total_steps: int | None = None, where: str = "o
   if cfg["nap"]:
     roles_tree = jax.tree_util.tree_map_with_path(lambda p, _: table[path_str(p)].role, rparams)
     parts.append(normalize_and_project(roles_tree, every=cfg["nap"]["every"], roles=cfg["nap"]["roles"],
-                                       norm_roles=cfg["nap"]["norm_roles"], deferred=deferred_projection,
-                                       lazy=lazy_projection))
+                                       norm_roles=cfg["nap"]["norm_roles"], projection=projection))
   return optax.chain(*parts)
 
 

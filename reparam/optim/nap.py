@@ -14,7 +14,7 @@ It is an optax transform in the shape of `optax.keep_params_nonnegative`: it rew
 weight decay and the learning rate). A leaf whose init norm is 0 (a zero-initialized kernel) is left alone:
 there is no scale to keep, and projecting it would pin it at zero forever.
 
-`deferred=True` leaves the projection to `apply_updates(params, updates, opt_state)` (used instead of
+`projection="deferred"` leaves the projection to `apply_updates(params, updates, opt_state)` (used instead of
 `optax.apply_updates`), which projects `params + updates` itself, the way `optax.projections` are applied after
 an update. The numbers are the same (one rounding fewer: no `p + (x·scale − p)`), and each step reads every
 projected weight once less: in the transform form `optax.apply_updates` must read `p` again to add it back,
@@ -22,7 +22,7 @@ since `p + (y − p)` is not `y` in floating point. On the LM of benchmarks/trai
 tokens) its step moves 24.5 MiB less, peaks 4.5 MiB lower and takes 0.982× the time of the transform form's
 (200 rounds side by side; at 4096 tokens 0.998×, no change).
 
-`lazy=True` writes no projection at all, and is what the training loop uses. The norm of `q = p + u` must be
+`projection="lazy"` writes no projection at all, and is what the training loop uses. The norm of `q = p + u` must be
 complete before any of `c·q` can be written, so a written projection costs three passes over every projected
 weight (the norm's read, the rescaling's read and write; XLA:CPU fuses no reduction with its producer's other
 outputs). Lazily, the params keep `q`, and the step reads the weight `p = c·q` where it is used: the model as
@@ -52,9 +52,10 @@ class NormalizeAndProjectState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class DeferredProjectionState:
-  """The state of `normalize_and_project(..., deferred=True)`: what `apply_updates` needs to project. `groups`
-  (rparams path -> projection group, as pairs), `every` and `lazy` are static: part of the tree's structure, not
-  leaves. `lazy`: `apply_updates` does not project; the params hold `q` and `projected` gives the weights."""
+  """The state of `normalize_and_project(..., projection="deferred" or "lazy")`: what `apply_updates` needs to
+  project. `groups` (rparams path -> projection group, as pairs), `every` and `lazy` are static: part of the
+  tree's structure, not leaves. `lazy`: `apply_updates` does not project; the params hold `q` and `projected`
+  gives the weights."""
   count: jax.Array
   targets: Any
   groups: tuple
@@ -124,8 +125,17 @@ def _require_params(params) -> None:
     raise ValueError("normalize_and_project needs the params: call update(updates, state, params)")
 
 
+PROJECTIONS = ("eager", "deferred", "lazy")
+
+
+def check_projection(projection: str, where: str) -> None:
+  """Raises ConfigError unless `projection` is one of `PROJECTIONS` (`where` names the caller)."""
+  if projection not in PROJECTIONS:
+    raise ConfigError(f"{where}: projection must be one of {', '.join(PROJECTIONS)}; got {projection!r}")
+
+
 def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequence[str] = ("matrix", "head"),
-                          norm_roles: Sequence[str] = ("norm",), deferred: bool = False, lazy: bool = False
+                          norm_roles: Sequence[str] = ("norm",), projection: str = "eager"
                           ) -> optax.GradientTransformation:
   """The NaP projection as the last optax transform of a chain.
 
@@ -135,14 +145,18 @@ def normalize_and_project(roles_tree, params=None, every: int = 1, roles: Sequen
     every: project after every k-th update only (steps k, 2k, ...); the others pass through unchanged.
     roles: roles projected leaf by leaf (`K ← K · ‖K⁰‖/‖K‖`).
     norm_roles: roles projected jointly per parent module (a LayerNorm's scale and bias together).
-    deferred: `update` passes the updates through and `apply_updates(params, updates, state)` projects (faster;
-      `optax.apply_updates` would then not project at all).
-    lazy: `update` passes the updates through and nothing projects them: the params hold `q = p + u`, and
-      the weights are `projected(q, state)`, which the training step computes with in activation space
-      (`projection_scales`, `reparam.apply(..., scales=)`). Implies `deferred`. See `projected`.
+    projection: who writes the projection (one of `PROJECTIONS`; the numbers are the same):
+      "eager": `update` rewrites the updates so that `optax.apply_updates` lands on it (the optax way);
+      "deferred": `update` passes the updates through and `apply_updates(params, updates, state)` projects
+        (one read of every projected weight fewer; `optax.apply_updates` would not project at all);
+      "lazy": nothing writes it: the params hold `q = p + u`, and the weights are `projected(q, state)`, which
+        the training step computes with in activation space (`projection_scales`, `reparam.apply(...,
+        scales=)`; three passes over every projected weight fewer than "deferred"). See `projected`.
   """
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
     raise ConfigError(f"normalize_and_project: every must be an integer >= 1, got {every!r}")
+  check_projection(projection, "normalize_and_project")
+  lazy, deferred = projection == "lazy", projection == "deferred"
   groups = _groups(roles_tree, roles, norm_roles)
 
   def targets_of(tree):
