@@ -26,13 +26,14 @@ order: `train_seeds` / `train_and_evaluate`, compilation, evaluation and checkpo
 persistent compilation cache as a sweep has). Where torch and peft are installed (`pip install -e ".[peft]"`),
 peft's DoRA/LoRA step ratio on the same shapes is printed beside ours (benchmarks/peft_dora.py).
 
-MFU (the "MFU %" column): the LM's model FLOPs per step (`model_flops`, PaLM's count) per second, over the rate
-of a large matmul measured in the step's dtype on the same device (`matmul_peak`), and in brackets over the
-datasheet's dense bf16 peak where the device is in `DATASHEET_BF16_PEAK` (H100, H200). Every row is credited the
-plain model's FLOPs, so MFU compares time: LoRA and DoRA skip the frozen kernels' weight gradients (a third of
-those kernels' matmuls) and can pass 100%. `--dtype bfloat16` runs the LM's compute in bf16 (parameters
-float32). Off CPU, `reparam.apply` chooses weight space on a layer whose activations outnumber its weight
-(`space="auto"`), so the table there also has rows with every activation-space form (`space="activation"`).
+MFU (the "MFU %" column): the LM's model FLOPs per step (`model_flops`, PaLM's count) per second, over the rate of a
+large matmul measured in the step's dtype on the same device (`matmul_peak`; with `--processes`, by each process for
+its own rows, and the run reports their median), and in brackets over the datasheet's dense bf16 peak where the
+device is in `DATASHEET_BF16_PEAK` (H100, H200). Every row is credited the plain model's FLOPs, so MFU compares
+time: LoRA and DoRA skip the frozen kernels' weight gradients (a third of those kernels' matmuls) and can pass 100%.
+`--dtype bfloat16` runs the LM's compute in bf16 (parameters float32). Off CPU, `reparam.apply` chooses weight space
+on a layer whose activations outnumber its weight (`space="auto"`), so the table there also has rows with every
+activation-space form (`space="activation"`).
 
 A control row, "plain, again", is the plain step compiled a second time and timed like any variant: its ratio
 to plain (ideally 1) shows how far apart two identical programs measure in this run, the resolution of every
@@ -370,8 +371,10 @@ def combine(runs: list[dict]) -> dict:
   the medians over processes (memory and FLOPs, exact, are the same in all), every process's timings are kept
   (`processes`), and each ratio's interval is over the process medians (`ratio_samples`, `judge`)."""
   first = runs[0]
-  r = {k: v for k, v in first.items() if k not in ("rows", "times_s")}
-  r["processes"] = [{"times_s": run["times_s"]} for run in runs]
+  r = {k: v for k, v in first.items() if k not in ("rows", "times_s", "matmul_peak_measured")}
+  # each process's MFU is over the matmul peak that process measured
+  r["processes"] = [{"times_s": run["times_s"], **({"matmul_peak_measured": run["matmul_peak_measured"]}
+                                                   if "matmul_peak_measured" in run else {})} for run in runs]
   r["rows"] = []
   for i, row in enumerate(first["rows"]):
     row = dict(row)
@@ -398,7 +401,8 @@ def regime_in_processes(d_model: int, batch: int, seq: int, args) -> dict:
       if done.returncode:
         raise SystemExit(f"process {i + 1} of {args.processes} failed:\n{done.stderr[-3000:]}")
       with open(path) as f:
-        run = json.load(f)["regimes"][0]
+        done_json = json.load(f)
+      run = dict(done_json["regimes"][0], matmul_peak_measured=done_json["matmul_peak_flops"]["measured"])
       runs.append(run)
       targeted = ", ".join(f"{row['variant']} {target_ratios(row)[0]:.3f}" for row in run["rows"] if row.get("target"))
       print(f"  process {i + 1}/{args.processes} ({time.perf_counter() - t0:.0f} s): {targeted}", file=sys.stderr)
@@ -580,14 +584,23 @@ def main():
          "cpu_count": os.cpu_count(), "machine": platform.machine(), "args": vars(args), "regimes": []}
   print(f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, jax {jax.__version__}; medians over "
         f"{args.rounds} rounds of {args.calls} steps; ratios taken within each round")
-  peak = {"measured": matmul_peak(jnp.dtype(args.dtype)) if regimes else None,
+  # With --processes, each process measures the peak its own MFU divides by: the run reports their median.
+  in_processes = args.processes > 1
+  peak = {"measured": matmul_peak(jnp.dtype(args.dtype)) if regimes and not in_processes else None,
           "datasheet": DATASHEET_BF16_PEAK.get(dev.device_kind)}
   out["matmul_peak_flops"] = peak
-  if regimes:
+  if regimes and not in_processes:
     print_peak(args.dtype, peak)
+  peaks = []
   for d_model, batch, seq in regimes:
-    r = regime(d_model, batch, seq, args, peak) if args.processes == 1 else regime_in_processes(d_model, batch,
-                                                                                                 seq, args)
+    if in_processes:
+      r = regime_in_processes(d_model, batch, seq, args)
+      peaks += [p["matmul_peak_measured"] for p in r["processes"]]
+      peak["measured"] = float(np.median(peaks))
+      print_peak(args.dtype, peak)
+      print("(the median of the peaks the processes measured, each its own MFU's denominator)")
+    else:
+      r = regime(d_model, batch, seq, args, peak)
     out["regimes"].append(r)
     print_regime(r)
     save(out, args.json)

@@ -261,3 +261,10 @@ def test_processes_option_measures_each_regime_in_fresh_processes(tmp_path, monk
   assert nap["x_plain"] == pytest.approx(np.median(train_step.ratio_samples(r, "nap", "plain")))
   assert nap["x_ci"] is None and nap["verdict"] in {"met", "missed", "on the bound"}    # 2 processes: no interval
   assert "Medians over 2 processes of 1 rounds each" in capsys.readouterr().out
+  # the run's peak is the processes' own (the parent measures none): each process's MFU divides by its own
+  doc = json.loads(out.read_text())
+  peaks = [p["matmul_peak_measured"] for p in r["processes"]]
+  assert all(p > 0 for p in peaks) and doc["matmul_peak_flops"]["measured"] == pytest.approx(np.median(peaks))
+  assert nap["mfu_measured"] == pytest.approx(np.median(
+      [train_step.model_flops(32, 8, 8) / np.median(p["times_s"]["nap"]) / p["matmul_peak_measured"]
+       for p in r["processes"]]))
