@@ -39,6 +39,13 @@ A control row, "plain, again", is the plain step compiled a second time and time
 to plain (ideally 1) shows how far apart two identical programs measure in this run, the resolution of every
 other ratio in the table.
 
+Two rows are floors, not transforms: "multipliers, gradient sums only" and "dora r8, norm and gain sum only" do
+the gradient work their transform cannot avoid (the multipliers' per-unit sums over activations and the updates
+of their leaves; DoRA's norm from `AᵀK₀`, `AᵀA` and ‖K₀‖₀², and m's sum) but none of its scalings, so their
+outputs are the plain model's and LoRA's (`multipliers_gradient_sums_only`, `dora_norm_and_gain_sum_only`).
+A target below its floor's ratio cannot be met by any activation-space form with the kernels this backend
+compiles; the transform's ratio to its floor is what its scalings cost.
+
 Every variant's ratio also gets a 95% confidence interval for its median (from the per-round ratios,
 distribution-free: order statistics, see `median_interval`), of the ratio its target is on (× LoRA for DoRA,
 × plain for the rest). A target is "met" when the whole interval is within it, missed ("no") when the whole
@@ -83,6 +90,8 @@ import numpy as np  # noqa: E402
 
 import reparam  # noqa: E402
 from experiments import models, setup, train  # noqa: E402
+from reparam.layout import resolve  # noqa: E402
+from reparam.transforms.dora import lowrank_norm as dora_lowrank_norm  # noqa: E402
 from reparam.optim.routing import routing  # noqa: E402
 
 HIDDEN = ("query", "key", "value", "out", "mlp_in", "mlp_out")
@@ -109,6 +118,67 @@ class Variant:
   target: Optional[float] = None                     # the issue's bound on the time ratio to `target_of`
   memory_target: Optional[float] = None              # and on the peak-memory ratio
   target_of: str = "plain"
+  floor_of: Optional[str] = None                     # a floor row: the transform whose unavoidable work it does
+
+
+@jax.custom_vjp
+def _gradient_sum_tap(x, v):
+  """`x` as it is; the backward passes the cotangent `g` on and gives `v` (shaped like x's trailing axes) the sum
+  over x's rows of `x ⊙ g`, on the 2-D view `reparam.fast.scale_trailing` reduces on."""
+  return x
+
+
+def _tap_fwd(x, v):
+  return x, x
+
+
+def _tap_bwd(x, g):
+  return g, jnp.sum(x.reshape(-1, x.shape[-1]) * g.reshape(-1, x.shape[-1]), axis=0)
+
+
+_gradient_sum_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def multipliers_gradient_sums_only() -> reparam.Reparam:
+  """Not a transform: a floor for the multipliers' activation-space form, measured as a row of its own.
+
+  It has the multipliers' leaves (s, r, c, their roles, their AdamW updates) and computes their gradients as
+  the multipliers do, by the same per-unit sums over activations (`Σ z⊙G` for s·r, `Σ x⊙dx` for c), but scales
+  nothing: the layer's output is the plain layer's whatever the factors hold. At init (all ones) its gradients
+  are the multipliers' exactly (tests/test_benchmarks.py). Any activation-space multipliers must do this work
+  and more (a scaling of the input forward, of the cotangent and the input gradient backward), so its ratio to
+  plain is the least such a form can cost with the kernels this backend compiles; if it is above a target, no
+  activation-space implementation meets that target here."""
+  mult = reparam.multipliers(scalar=True, row=True, col=True)
+
+  def linear(factors, w, x, layer):
+    layer.check(resolve(w.ndim))
+    y = layer.base(_gradient_sum_tap(x, factors["col"]))
+    return _gradient_sum_tap(y, factors["scalar"] * factors["row"])
+
+  return mult._replace(apply=lambda factors, w: w, linear=linear, name="multipliers, gradient sums only")
+
+
+def dora_norm_and_gain_sum_only(rank: int) -> reparam.Reparam:
+  """Not a transform: a floor for DoRA's activation-space form against LoRA, measured as a row of its own.
+
+  It has DoRA's leaves (m, k0_sq, A, B) and does the work DoRA adds to LoRA's layer that no scaling can avoid:
+  it computes the norm n from `Aᵀ K₀`, `AᵀA` and the cached ‖K₀‖₀² (`lowrank_norm`, as DoRA does), keeps the
+  layer's output and sums `Σ y⊙G` over its rows for m's gradient, and updates m. But its output is LoRA's,
+  `x K₀ + (x A) B`, whatever m and n are: the m/n scalings of the output, the cotangent and B are skipped. At
+  init (m = n) its gradients are DoRA's (tests/test_benchmarks.py). Its ratio to LoRA is the least DoRA's form
+  can cost here with the kernels this backend compiles."""
+  lora = reparam.lora(rank)
+
+  def linear(factors, w, x, layer):
+    layout = resolve(w.ndim)
+    layer.check(layout)
+    n = jax.lax.stop_gradient(dora_lowrank_norm(factors, jax.lax.stop_gradient(w), layout, 1.0, 1e-6))
+    y = lora.linear({"A": factors["A"], "B": factors["B"]}, w, x, layer)
+    return _gradient_sum_tap(y, factors["m"] / n)
+
+  return reparam.dora(rank)._replace(apply=lambda factors, w: lora.apply({"A": factors["A"], "B": factors["B"]}, w),
+                                     linear=linear, name="dora, norm and gain sum only")
 
 
 def variants(rank: int) -> list[Variant]:
@@ -122,6 +192,8 @@ def variants(rank: int) -> list[Variant]:
       Variant("plain"),
       Variant("plain, again"),      # the same program built twice: its ratio is how far apart equal steps measure
       Variant("multipliers", mult, target=1.03),
+      # the floor of any activation-space multipliers here: their gradient sums, no scaling (not a transform)
+      Variant("multipliers, gradient sums only", multipliers_gradient_sums_only(), floor_of="multipliers"),
       *([Variant("multipliers, activation space", mult, space="activation")] if by_cost else []),
       Variant("multipliers, materialized", mult, fast=False),
       Variant("weight_norm", reparam.weight_norm(), ref="flax.linen.WeightNorm", target=1.07),
@@ -133,6 +205,9 @@ def variants(rank: int) -> list[Variant]:
       Variant(lora, reparam.lora(rank)),
       Variant(f"dora r{rank}", reparam.dora(rank), **dora_target),
       Variant(f"dora r{rank}, remat", reparam.dora(rank, remat=True), **dora_target),    # nothing kept for m
+      # the floor of DoRA's activation-space form over LoRA: its norm and m's gradient, no m/n scaling (not a transform)
+      Variant(f"dora r{rank}, norm and gain sum only", dora_norm_and_gain_sum_only(rank), ref=lora, target_of=lora,
+              floor_of=f"dora r{rank}"),
       *([Variant(f"dora r{rank}, activation space", reparam.dora(rank), space="activation", ref=lora)]
         if by_cost else []),
       Variant(f"dora r{rank}, materialized", reparam.dora(rank), fast=False, ref=lora),
@@ -330,6 +405,7 @@ def regime(d_model: int, batch: int, seq: int, args, peak: Optional[dict] = None
   if args.only:       # the chosen variants, with plain, the control and their references
     keep = {v.name for v in vs if re.search(args.only, v.name)}
     keep |= {"plain", "plain, again"} | {v.ref for v in vs if v.name in keep and v.ref}
+    keep |= {v.floor_of for v in vs if v.name in keep and v.floor_of}      # a floor is read beside its transform
     vs = [v for v in vs if v.name in keep]
   key = jax.random.key(0)
   t0 = time.perf_counter()
@@ -354,8 +430,10 @@ def regime(d_model: int, batch: int, seq: int, args, peak: Optional[dict] = None
       row["memory_x_ref"] = st.peak_bytes / steps[v.ref].peak_bytes
     if st.newton_schulz_flops:
       row["newton_schulz_share"] = st.newton_schulz_flops / st.flops
-    if v.target:
+    if v.target or v.floor_of:
       row["target_of"] = v.target_of
+    if v.floor_of:
+      row["floor_of"] = v.floor_of
     rows.append(row)
   r = {"d_model": d_model, "batch": batch, "seq": seq, "tokens": batch * seq, "dtype": args.dtype,
        "model_gflop": useful / 1e9, "rounds": args.rounds, "calls": args.calls, "rows": rows, "times_s": times}
@@ -426,7 +504,7 @@ def print_regime(r: dict) -> None:
   for row in r["rows"]:
     ref = f"{row['x_ref']:.3f} ({row['ref']})" if row.get("ref") else ""
     mem_ref = f"{row['memory_x_ref']:.3f}" if row.get("ref") else ""
-    target = ""
+    target = f"floor of {row['floor_of']}" if row.get("floor_of") else ""
     if row["target"]:
       target = f"≤ {row['target']} × {'plain' if row['target_of'] == 'plain' else 'ref'}"
       target += f", mem ≤ {row['memory_target']}" if row["memory_target"] else ""
@@ -442,9 +520,14 @@ def print_regime(r: dict) -> None:
           "over the process medians. Each process's median ratio:\n")
     for row in r["rows"]:
       ref = row.get("target_of") or "plain"
-      if row["variant"] != ref and (row.get("target") or row["variant"] == "plain, again"):
-        each = ", ".join(f"{x:.3f}" for x in ratio_samples(r, row["variant"], ref))
-        print(f"- {row['variant']} × {ref}: {each}")
+      shown = row.get("target") or row.get("floor_of") or row["variant"] == "plain, again"
+      pairs = [(row["variant"], ref)] if shown else []
+      if row.get("floor_of"):         # what the transform's scalings cost over the work it cannot avoid
+        pairs.append((row["floor_of"], row["variant"]))
+      for name, of in pairs:
+        if name != of:
+          each = ", ".join(f"{x:.3f}" for x in ratio_samples(r, name, of))
+          print(f"- {name} × {of}: {each}")
 
 
 # --------------------------------------------------------------------------------------- seeds: vmap or not
@@ -537,7 +620,12 @@ def report(path: str) -> None:
   print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
   if out.get("matmul_peak_flops", {}).get("measured"):        # runs saved before MFU have none
     print_peak(out["args"].get("dtype", "float32"), out["matmul_peak_flops"])
+  floors = {v.name: v for v in variants(out["args"]["rank"]) if v.floor_of}
   for r in out["regimes"]:
+    for row in r["rows"]:       # a run saved before the rows said which transform a floor is of
+      v = floors.get(row["variant"])
+      if v and "floor_of" not in row:
+        row.update(floor_of=v.floor_of, target_of=v.target_of)
     judge(r)
     print_regime(r)
   if out.get("seeds"):

@@ -90,6 +90,60 @@ def test_our_weight_norm_equals_flax_weight_norm():
   assert not np.allclose(model.apply({"params": plain}, tokens), flax_logits, atol=1e-2)
 
 
+def _floor_has_the_gradients_at_init(transform, floor, leaves: tuple[str, ...], count: int):
+  """Checks that a floor row's gradients equal its transform's at init, through the fast path of both, on a small
+  LM, every leaf (`count` of them ending in `leaves`, all nonzero); returns the model, its tokens, its params and
+  the transform's rparams at init."""
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 32)
+  model = models.Transformer(vocab_size=32, d_model=64, num_heads=4, num_layers=2)
+  params = model.init(jax.random.key(1), tokens)["params"]
+  rules, floor_rules = [(train_step.HIDDEN_KERNELS, transform)], [(train_step.HIDDEN_KERNELS, floor)]
+  rp = reparam.init(rules, params, jax.random.key(2))
+  assert jax.tree.structure(rp) == jax.tree.structure(reparam.init(floor_rules, params, jax.random.key(2)))
+
+  def grads(rules):
+    loss = lambda rp: jnp.mean(jax.nn.log_softmax(reparam.apply(rules, model, rp, tokens)) ** 2)
+    return reparam.flatten(jax.jit(jax.grad(loss))(rp))
+
+  want, got = grads(rules), grads(floor_rules)
+  assert set(got) == set(want) and sum(p.endswith(leaves) for p in got) == count
+  for path in want:
+    np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-7, err_msg=path)
+  assert all(np.abs(want[p]).max() > 0 for p in want if p.endswith(leaves))
+  return model, tokens, params, rp
+
+
+def test_the_multipliers_floor_row_does_their_gradient_work_and_scales_nothing():
+  """"multipliers, gradient sums only" (a benchmark row, not a transform): at init (s = r = c = 1) its gradients,
+  kernels and multipliers alike, are those of `multipliers(scalar, row, col)`; with other factors its output is
+  still the plain model's, where the multipliers' is not."""
+  mult, floor = reparam.multipliers(scalar=True, row=True, col=True), train_step.multipliers_gradient_sums_only()
+  factors = ("/row", "/col", "/scalar")
+  model, tokens, params, rp = _floor_has_the_gradients_at_init(mult, floor, factors, 36)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, x: 1.5 * x if reparam.core.path_str(p).endswith(factors) else x, rp)
+  plain = model.apply({"params": params}, tokens)
+  on = lambda t: [(train_step.HIDDEN_KERNELS, t)]
+  np.testing.assert_allclose(reparam.apply(on(floor), model, moved, tokens), plain, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(reparam.apply(on(mult), model, moved, tokens), plain, atol=1e-2)
+
+
+def test_the_dora_floor_row_does_its_norm_and_gain_work_and_scales_nothing():
+  """"dora r4, norm and gain sum only" (a benchmark row, not a transform): at init (m = n) its gradients are
+  DoRA's, m's included; with B and m moved its output is LoRA's with the same A and B, where DoRA's is not."""
+  dora, floor = reparam.dora(4), train_step.dora_norm_and_gain_sum_only(4)
+  model, tokens, _, rp = _floor_has_the_gradients_at_init(dora, floor, ("/m", "/B"), 24)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, x: 1.5 * x if reparam.core.path_str(p).endswith("/m") else
+      (x + 0.05 if reparam.core.path_str(p).endswith("/B") else x), rp)
+  # LoRA's tree: the same A, B and w, without DoRA's m and k0_sq
+  strip = lambda t: {k: strip(v) for k, v in t.items() if k not in ("m", "k0_sq")} if isinstance(t, dict) else t
+  on = lambda t: [(train_step.HIDDEN_KERNELS, t)]
+  lora_out = reparam.apply(on(reparam.lora(4)), model, strip(moved), tokens)
+  np.testing.assert_allclose(reparam.apply(on(floor), model, moved, tokens), lora_out, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(reparam.apply(on(dora), model, moved, tokens), lora_out, atol=1e-2)
+
+
 def test_train_step_script_runs_and_writes_its_json(tmp_path, monkeypatch, capsys):
   out = tmp_path / "bench.json"
   monkeypatch.setattr(sys, "argv", ["train_step.py", "--regime", "32,1,8", "--rounds", "1", "--calls", "1",
@@ -248,6 +302,28 @@ def test_processes_combine_into_medians_judged_on_the_spread_between_processes()
   np.testing.assert_allclose(train_step.ratio_samples(r, "v", "plain"), ratios)
   r = train_step.combine([_run(3, 0.1, 0.1 * (x - 0.02)) for x in ratios])    # all process medians <= 1.03
   assert r["rows"][1]["verdict"] == "met"
+
+
+def test_a_floor_row_prints_its_ratio_and_its_transforms_ratio_over_it(capsys):
+  """A floor row (`floor_of`) is judged on no target but printed with each process's ratio to its reference,
+  and the transform's ratio over the floor beside it (what its scalings cost): here 1.02 and 1.03/1.02."""
+  runs = []
+  for x in (1.00, 1.02, 1.04):
+    r = _run(3, 0.1, 0.1 * 1.03 * x)
+    r["rows"].append({"variant": "f", "target": None, "memory_target": None, "target_of": "plain", "floor_of": "v",
+                      "ms": 102.0, "x_plain": 1.02, "memory_x_plain": 1.0, "gflop_per_s": 1.0, "peak_mib": 5.0})
+    r["times_s"]["f"] = [0.102] * 3
+    runs.append(r)
+  r = train_step.combine(runs)
+  r.update(tokens=8, batch=1, seq=8)
+  r["rows"][0].update(peak_mib=5.0, memory_x_plain=1.0)
+  floor = r["rows"][2]
+  assert "verdict" not in floor and floor["x_ci"] is None            # three processes: no 95% interval
+  train_step.print_regime(r)
+  out = capsys.readouterr().out
+  assert "| f | 102.00 | 1.020 |" in out and "floor of v |" in out
+  assert "- f × plain: 1.020, 1.020, 1.020" in out
+  assert "- v × f: 1.010, 1.030, 1.050" in out
 
 
 def test_processes_option_measures_each_regime_in_fresh_processes(tmp_path, monkeypatch, capsys):
