@@ -94,8 +94,8 @@ import numpy as np  # noqa: E402
 import reparam  # noqa: E402
 from experiments import models, setup, train  # noqa: E402
 from reparam.layout import resolve  # noqa: E402
-from reparam.transforms.dora import lowrank_norm as dora_lowrank_norm  # noqa: E402
 from reparam.optim.routing import routing  # noqa: E402
+from reparam.transforms.dora import lowrank_norm as dora_lowrank_norm  # noqa: E402
 
 HIDDEN = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 HIDDEN_KERNELS = r"block_\d+/(" + "|".join(HIDDEN) + ")/kernel"
@@ -176,6 +176,7 @@ def dora_norm_and_gain_sum_only(rank: int) -> reparam.Reparam:
   def linear(factors, w, x, layer):
     layout = resolve(w.ndim)
     layer.check(layout)
+    # reparam.dora(rank)'s defaults: scale 1 (alpha None), eps 1e-6, n detached
     n = jax.lax.stop_gradient(dora_lowrank_norm(factors, jax.lax.stop_gradient(w), layout, 1.0, 1e-6))
     y = lora.linear({"A": factors["A"], "B": factors["B"]}, w, x, layer)
     return _gradient_sum_tap(y, factors["m"] / n)
@@ -195,7 +196,7 @@ def variants(rank: int) -> list[Variant]:
       Variant("plain"),
       Variant("plain, again"),      # the same program built twice: its ratio is how far apart equal steps measure
       Variant("multipliers", mult, target=1.03),
-      # the floor of any activation-space multipliers here: their gradient sums, no scaling (not a transform)
+      # a floor for the multipliers: their gradient sums and updates, no scaling (not a transform)
       Variant("multipliers, gradient sums only", multipliers_gradient_sums_only(), floor_of="multipliers"),
       *([Variant("multipliers, activation space", mult, space="activation")] if by_cost else []),
       Variant("multipliers, materialized", mult, fast=False),
@@ -208,7 +209,7 @@ def variants(rank: int) -> list[Variant]:
       Variant(lora, reparam.lora(rank)),
       Variant(f"dora r{rank}", reparam.dora(rank), **dora_target),
       Variant(f"dora r{rank}, remat", reparam.dora(rank, remat=True), **dora_target),    # nothing kept for m
-      # the floor of DoRA's activation-space form over LoRA: its norm and m's gradient, no m/n scaling (not a transform)
+      # a floor for DoRA over LoRA: its norm and m's gradient, no m/n scaling (not a transform)
       Variant(f"dora r{rank}, norm and gain sum only", dora_norm_and_gain_sum_only(rank), ref=lora, target_of=lora,
               floor_of=f"dora r{rank}"),
       *([Variant(f"dora r{rank}, activation space", reparam.dora(rank), space="activation", ref=lora)]
