@@ -198,6 +198,8 @@ def variants(rank: int) -> list[Variant]:
       Variant("multipliers", mult, target=1.03),
       # a floor for the multipliers: their gradient sums and updates, no scaling (not a transform)
       Variant("multipliers, gradient sums only", multipliers_gradient_sums_only(), floor_of="multipliers"),
+      # no scalar: s adds a 512-element sum, two products and an update per layer to the row's work
+      Variant("multipliers, row and col", reparam.multipliers(row=True, col=True)),
       *([Variant("multipliers, activation space", mult, space="activation")] if by_cost else []),
       Variant("multipliers, materialized", mult, fast=False),
       Variant("weight_norm", reparam.weight_norm(), ref="flax.linen.WeightNorm", target=1.07),
