@@ -306,7 +306,8 @@ def test_processes_combine_into_medians_judged_on_the_spread_between_processes()
 
 def test_a_floor_row_prints_its_ratio_and_its_transforms_ratio_over_it(capsys):
   """A floor row (`floor_of`) is judged on no target but printed with each process's ratio to its reference,
-  and the transform's ratio over the floor beside it (what its scalings cost): here 1.02 and 1.03/1.02."""
+  and the transform's ratio over the floor beside it (what its scalings cost): here the floor 1.02 × plain in
+  every process, the transform 1.01, 1.03 and 1.05 × the floor."""
   runs = []
   for x in (1.00, 1.02, 1.04):
     r = _run(3, 0.1, 0.1 * 1.03 * x)
