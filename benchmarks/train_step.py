@@ -70,6 +70,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -172,12 +173,15 @@ def dora_norm_and_gain_sum_only(rank: int) -> reparam.Reparam:
   scalings cost, as far as XLA compiles both alike (see the module docstring). Not a floor for memory: its step
   peaks above DoRA's (52.2 against 49.4 MiB on the benchmark LM at 128 tokens)."""
   lora = reparam.lora(rank)
+  # reparam.dora(rank)'s own defaults: alpha None (scale 1), its eps, n detached
+  defaults = inspect.signature(reparam.dora).parameters
+  assert defaults["alpha"].default is None and defaults["detach_norm"].default
+  eps = defaults["eps"].default
 
   def linear(factors, w, x, layer):
     layout = resolve(w.ndim)
     layer.check(layout)
-    # reparam.dora(rank)'s defaults: scale 1 (alpha None), eps 1e-6, n detached
-    n = jax.lax.stop_gradient(dora_lowrank_norm(factors, jax.lax.stop_gradient(w), layout, 1.0, 1e-6))
+    n = jax.lax.stop_gradient(dora_lowrank_norm(factors, jax.lax.stop_gradient(w), layout, 1.0, eps))
     y = lora.linear({"A": factors["A"], "B": factors["B"]}, w, x, layer)
     return _gradient_sum_tap(y, factors["m"] / n)
 
@@ -626,12 +630,7 @@ def report(path: str) -> None:
   print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
   if out.get("matmul_peak_flops", {}).get("measured"):        # runs saved before MFU have none
     print_peak(out["args"].get("dtype", "float32"), out["matmul_peak_flops"])
-  floors = {v.name: v for v in variants(out["args"]["rank"]) if v.floor_of}
   for r in out["regimes"]:
-    for row in r["rows"]:       # a run saved before the rows said which transform a floor is of
-      v = floors.get(row["variant"])
-      if v and "floor_of" not in row:
-        row.update(floor_of=v.floor_of, target_of=v.target_of)
     judge(r)
     print_regime(r)
   if out.get("seeds"):
