@@ -86,6 +86,10 @@ from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))    # run from anywhere
 
+if __name__ == "__main__":     # time the step as `python -m experiments.train` runs it (experiments/hugepages.py)
+  from experiments import hugepages
+  hugepages.rerun_with_huge_pages()
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

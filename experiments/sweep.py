@@ -12,6 +12,10 @@ jitted program. When this shard is done, the report is written and its table pri
 """
 from __future__ import annotations
 
+if __name__ == "__main__":     # glibc reads its tunables only when a process starts: first, before JAX loads
+  from experiments import hugepages
+  hugepages.rerun_with_huge_pages()
+
 import copy
 import hashlib
 import importlib.util

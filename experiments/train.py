@@ -9,6 +9,10 @@ checkpoints/, and, once finished, params.msgpack (the merged model) and result.j
 """
 from __future__ import annotations
 
+if __name__ == "__main__":     # glibc reads its tunables only when a process starts: first, before JAX loads
+  from experiments import hugepages
+  hugepages.rerun_with_huge_pages()
+
 import dataclasses
 import functools
 import json
