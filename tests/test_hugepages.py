@@ -53,8 +53,8 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 def _run(code: str, *args: str, **env) -> subprocess.CompletedProcess:
   environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   environ.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **env)
-  done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=environ, capture_output=True, text=True,
-                        cwd=ROOT, timeout=300)
+  done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=environ, capture_output=True,
+                        text=True, cwd=ROOT, timeout=300)
   assert done.returncode == 0, done.stderr
   return done
 
