@@ -108,9 +108,11 @@ def loss_of(out):
   return jnp.sum(r * out) + 0.1 * jnp.sum(out * out)
 
 
-def compare(rules, model, rp, x, rtol=1e-5, collections=None, **kwargs):
+def compare(rules, model, rp, x, rtol=1e-5, collections=None, space="activation", **kwargs):
+  """`reparam.apply` against materialization, values and gradients; by default with every activation-space form,
+  which the tiny shapes here would otherwise partly send to weight space (`Layer.activation_space_pays`)."""
   def fast_fn(rp):
-    return reparam.apply(rules, model, rp, x, collections=collections, **kwargs)
+    return reparam.apply(rules, model, rp, x, collections=collections, space=space, **kwargs)
 
   def ref_fn(rp):
     return model.apply({"params": reparam.materialize(rules, rp), **(collections or {})}, x, **kwargs)
@@ -138,7 +140,7 @@ CASES = [(m, t) for m in ("dense", "conv", "attention") for t in TRANSFORMS
 def test_fast_path_equals_materialize(model_name, name):
   rules = rules_for(model_name, TRANSFORMS[name])
   model, x, rp = setup(model_name, rules)
-  taken = fast.explain(rules, model, rp, x)
+  taken = fast.explain(rules, model, rp, x, space="activation")
   assert taken and all(v == "fast" for v in taken.values()), taken     # really the fast path, on every layer
   compare(rules, model, rp, x)
 
@@ -153,7 +155,7 @@ def test_transformer_with_a_transform_per_layer(names):
   rules = [(r".*/(query|key|value)/kernel", t[0](**QKV)), (r".*/out/kernel", t[1](**OUT)),
            (r"Dense_0/kernel", t[2]()), (r"Dense_1/kernel", t[3]()), (r"head/kernel", t[4]())]
   model, x, rp = setup("transformer", rules)
-  taken = fast.explain(rules, model, rp, x)
+  taken = fast.explain(rules, model, rp, x, space="activation")
   assert len(taken) == 7 and all(v == "fast" for v in taken.values()), taken
   compare(rules, model, rp, x)
 
@@ -194,7 +196,7 @@ def test_dense_general_contracting_a_middle_axis(name):
   model, x = MiddleAxis(), jax.random.normal(key(0), (2, 4, 3))
   rp = reparam.init(rules, model.init(key(1), x)["params"], key(2))
   rp = moved(rules, rp, lambda v: v + 0.3 * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)))
-  assert fast.explain(rules, model, rp, x) == {"DenseGeneral_0/kernel": "fast"}
+  assert fast.explain(rules, model, rp, x, space="activation") == {"DenseGeneral_0/kernel": "fast"}
   compare(rules, model, rp, x)
 
 
@@ -219,7 +221,7 @@ def test_fallbacks_are_exact_and_explained():
   x = jax.random.normal(key(0), (2, 6, 6, 4))
   rp = reparam.init(rules, model.init(key(1), x)["params"], key(2))
   rp = jax.tree.map(lambda v: v + 0.3, rp)   # Conv_0's DoRA runs materialized: its k0_sq is not read
-  taken = fast.explain(rules, model, rp, x)
+  taken = fast.explain(rules, model, rp, x, space="activation")
   assert taken["Conv_0/kernel"] == "materialized: masked or grouped convolution"
   assert taken["MyDense_0/kernel"].startswith("materialized: not called through")
   assert taken["Einsum_0/kernel"].startswith("materialized: not called through")
@@ -253,7 +255,7 @@ def test_auto_space_takes_the_cheaper_side_per_layer(name, per_row, rows, monkey
       else:
         assert taken[path] == (f"materialized: weight space is cheaper here ({rows} rows x {per_row(i, o)} "
                                f"activations to scale > {i * o} weights)"), (backend, path, taken)
-    compare(rules, model, rp, x)
+    compare(rules, model, rp, x, space="auto")
     assert set(fast.explain(rules, model, rp, x, space="activation").values()) == {"fast"}
 
 
@@ -272,7 +274,7 @@ def test_auto_space_in_chains_is_per_stage(name, monkeypatch):
   for path, taken in fast.explain(rules, model, rp, x).items():
     assert taken.split("; ")[0] == "fast", (path, taken)
     assert re.findall(r"stage (\w+) materialized, with any stages before it: weight space is cheaper", taken) == last
-  compare(rules, model, rp, x)
+  compare(rules, model, rp, x, space="auto")
   # On CPU only the multipliers' stage falls back, wherever the chain calls it: not under DoRA, which freezes the
   # stages before it and so never calls their activation-space form.
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
@@ -280,7 +282,7 @@ def test_auto_space_in_chains_is_per_stage(name, monkeypatch):
             "mult+weight_norm": ["multipliers"]}[name]
   for path, taken in fast.explain(rules, model, rp, x).items():
     assert re.findall(r"stage (\w+) materialized", taken) == on_cpu, (path, taken)
-  compare(rules, model, rp, x)
+  compare(rules, model, rp, x, space="auto")
 
 
 def test_unknown_space_is_refused_before_any_compute():
