@@ -125,8 +125,9 @@ def _unloaded_config(name: str) -> str | None:
 
 
 def compilation_cache() -> str | None:
-  """Turns on JAX's persistent compilation cache, unless `--nocompilation_cache` or the user already chose a
-  directory (`JAX_COMPILATION_CACHE_DIR`); returns the directory in use.
+  """Turns on JAX's persistent compilation cache, unless `--nocompilation_cache`, in a directory of ours unless the
+  user chose one (`JAX_COMPILATION_CACHE_DIR`); returns the directory in use. Every program is kept, however fast
+  it compiled, unless `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says otherwise.
 
   The seeds of a configuration compile identical programs: with the cache, 8 sequential quickstart runs took
   15 s instead of 40 s here. It lives in the user's cache directory, not the workdir (a refused rerun must leave
@@ -137,12 +138,15 @@ def compilation_cache() -> str | None:
   import jax
   if not flags.FLAGS.compilation_cache:
     return None
+  # Small programs are most of a run's compile time: keep them all, in the user's directory too, unless the user
+  # set the threshold (JAX's default, 1 s, kept only the programs that happened to compile slowly).
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir
   root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   path = os.path.join(root, "reparam", f"jax-{socket.gethostname()}")
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # small programs are most of a run's
   try:
     import filelock  # noqa: F401  JAX needs it to bound the cache; without it every read warns on stderr
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
