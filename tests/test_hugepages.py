@@ -14,8 +14,8 @@ TUNABLE = "glibc.malloc.hugetlb"
 
 
 def _applies() -> bool:
-  return (sys.platform.startswith("linux") and hugepages.thp_mode() == "madvise"
-          and hugepages.tunables_with_huge_pages({}, platform.libc_ver(), "madvise") is not None)
+  return (sys.platform.startswith("linux")
+          and hugepages.tunables_with_huge_pages({}, platform.libc_ver(), hugepages.thp_mode()) is not None)
 
 
 needs_madvise_glibc = pytest.mark.skipif(not _applies(), reason="needs Linux, glibc >= 2.35 and THP in madvise mode")
