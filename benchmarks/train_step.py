@@ -679,7 +679,8 @@ def main():
   dev = jax.devices()[0]
   out = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
          "backend": dev.platform, "device": dev.device_kind, "devices": jax.device_count(),
-         "cpu_count": os.cpu_count(), "machine": platform.machine(), "args": vars(args), "regimes": []}
+         "cpu_count": os.cpu_count(), "machine": platform.machine(), "args": vars(args), "regimes": [],
+         "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}     # huge pages on or off (experiments/hugepages.py)
   print(f"{dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores, jax {jax.__version__}; medians over "
         f"{args.rounds} rounds of {args.calls} steps; ratios taken within each round")
   # With --processes, each process measures the peak its own MFU divides by: the run reports their median.

@@ -345,3 +345,44 @@ def test_processes_option_measures_each_regime_in_fresh_processes(tmp_path, monk
   assert nap["mfu_measured"] == pytest.approx(np.median(
       [train_step.model_flops(32, 8, 8) / np.median(p["times_s"]["nap"]) / p["matmul_peak_measured"]
        for p in r["processes"]]))
+
+
+def _saved_run(path, ratios_by_variant: dict, name: str, date: str, tunables=None):
+  """A saved train_step JSON of one 128-token regime in six processes: plain at 0.1 s, each variant at
+  `ratio` × that in process k (a list of six), with the targets and references train_step gives them. The rows'
+  stored ratios are wrong on purpose (0): the plot must take them from the timings."""
+  rows, times = [], [{"plain": [0.1] * 3} for _ in range(6)]
+  for variant, ratios in ratios_by_variant.items():
+    ref = "lora r8" if variant.startswith("dora") else "plain"
+    for k, x in enumerate(ratios):
+      times[k][variant] = [0.1 * x] * 3
+    if variant != "lora r8":
+      rows.append({"variant": variant, "target": 1.10 if ref != "plain" else 1.03, "memory_target": None,
+                   "target_of": ref, "x_plain": 0.0, "x_ref": 0.0, "memory_x_plain": 1.0, "memory_x_ref": 1.0})
+  regime = {"d_model": 512, "tokens": 128, "rows": [{"variant": "plain", "target": None}, *rows],
+            "processes": [{"times_s": t} for t in times]}
+  (path / name).write_text(json.dumps({"date": date, "regimes": [regime], "glibc_tunables": tunables}))
+  return str(path / name)
+
+
+def test_plot_targets_takes_each_runs_verdict_from_its_processes(tmp_path):
+  """Every multi-process run becomes one point per target: the median of its six process ratios, their range as
+  the interval (six samples: the 95% interval is the smallest and largest), the verdict that interval gives, in
+  date order, labelled by the commit in the file name; huge pages from the JSON or the file name."""
+  from benchmarks import plot_targets
+  late = _saved_run(tmp_path, {"multipliers": [1.05, 1.06, 1.04, 1.07, 1.05, 1.06]}, "cpu_2core_bbbbbbb_128.json",
+                    "2026-12-07T10:00:00", tunables="glibc.malloc.hugetlb=1")
+  early = _saved_run(tmp_path, {"multipliers": [1.00, 1.02, 1.04, 1.01, 1.05, 1.03],
+                                "lora r8": [0.7] * 6, "dora r8": [0.7 * 1.05] * 6},
+                     "cpu_2core_aaaaaaa_128.json", "2026-12-06T10:00:00")
+  found = plot_targets.points([late, early])
+  mult = found[(512, 128, "multipliers")]
+  assert [p[1] for p in mult] == ["aaaaaaa", "bbbbbbb"]                  # date order
+  assert mult[0][2] == pytest.approx(1.025) and mult[0][3] == pytest.approx((1.00, 1.05))
+  assert mult[0][4] == "on the bound" and mult[0][6] is False
+  assert mult[1][2] == pytest.approx(1.055) and mult[1][4] == "missed" and mult[1][6] is True
+  dora = found[(512, 128, "dora r8")]
+  assert len(dora) == 1 and dora[0][2] == pytest.approx(1.05) and dora[0][4] == "met" and dora[0][5] == 1.10
+  out = tmp_path / "fig" / "targets.png"
+  plot_targets.plot(found, str(out))
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
