@@ -8,8 +8,8 @@ the median over the run's processes of their median ratios) with the 95% interva
 recomputed from the saved timings by `train_step.judge`, coloured by the verdict; the dashed line is the target.
 Runs are in date order, labelled by the commit in their file name (`cpu_2core_<commit>_...json`); a hollow
 marker is a run with glibc's huge pages on (recorded in the JSON since this script, or "huge_pages" in the file
-name before); a grey cross, a run of code that was then not kept (`NOT_KEPT`). Single-process runs are left out: their intervals miss the spread between processes
-(docs/performance.md, "Method and machine").
+name before); a grey cross, a run of code that was then not kept (`NOT_KEPT`). Single-process runs are left out:
+their intervals miss the spread between processes (docs/performance.md, "Method and machine").
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import judge, ratio_samples  # noqa: E402
+from benchmarks.train_step import REGIMES as SHAPES, judge, ratio_samples  # noqa: E402
 
-REGIMES = ((512, 128), (256, 4096))                       # (d_model, tokens), as train_step.REGIMES
+REGIMES = tuple((d_model, batch * seq) for d_model, batch, seq in SHAPES)       # (d_model, tokens)
 TARGETS = ("multipliers", "weight_norm", "nap", "dora r8")
 COLOURS = {"met": "tab:green", "on the bound": "tab:orange", "missed": "tab:red"}
 # Runs of code that was measured and then not kept (docs/performance_history.md): drawn apart, as grey crosses.
@@ -48,7 +48,7 @@ def points(paths: list[str]) -> dict:
     name = os.path.basename(path)
     m = re.match(r"cpu_2core_([0-9a-f]{7})", name)
     label = m.group(1) if m else name.removesuffix(".json")
-    huge = run.get("glibc_tunables") is not None and "hugetlb=1" in run["glibc_tunables"] or "huge_pages" in name
+    huge = "hugetlb=1" in (run.get("glibc_tunables") or "") or "huge_pages" in name
     for r in run.get("regimes", []):
       if len(r.get("processes") or []) < 2:
         continue
@@ -97,7 +97,7 @@ def main():
   here = os.path.dirname(os.path.abspath(__file__))
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("runs", nargs="*", help="JSON files of train_step.py (default: every one in benchmarks/results)")
-  ap.add_argument("--out", default=os.path.join(here, "..", "docs", "figures", "targets.png"))
+  ap.add_argument("--out", default=os.path.normpath(os.path.join(here, "..", "docs", "figures", "targets.png")))
   args = ap.parse_args()
   paths = args.runs or sorted(glob.glob(os.path.join(here, "results", "*.json")))
   found = points(paths)
