@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from reparam.core import ConfigError, NoFastForm, Rules, _compile, _map_wrapped, flatten, scaled, times
-from reparam.layout import Layout, resolve
+from reparam.layout import Layout, expand, resolve
 
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
 
@@ -52,6 +52,7 @@ class Layer(NamedTuple):
     base: `x -> x·w` (no bias), linear in x; a previous chain stage's activation-space form inside a chain;
     matmul: `(x, k) -> x·k`, the layer's own contraction (no bias) with any kernel shaped (window..., in..., out'...);
     scale_in: `(x, v) -> x ⊙ v`, v shaped like the kernel's input axes (for a conv: per channel, over the window);
+      `base_scaled_in(x, v)` is `base(scale_in(x, v))` with a cheaper backward pass where it can;
     rows: x's rows (its size over the contracted features: tokens for a Dense); weight_size: in·out (·window);
     by_cost: whether a form that scales activations should first ask `activation_space_pays` (`check_cost`):
       apply's space="auto";
@@ -89,6 +90,24 @@ class Layer(NamedTuple):
     if self.by_cost and (on_cpu or not self.on_cpu) and not self.activation_space_pays(per_row):
       raise NoFastForm(f"weight space is cheaper here ({self.rows} rows x {per_row} activations to scale > "
                        f"{self.weight_size} weights)")
+
+  def base_scaled_in(self, x: jax.Array, v: jax.Array) -> jax.Array:
+    """`base(scale_in(x, v))`: the input scaled per feature (a column multiplier), then the base.
+
+    Where the base is the layer's own contraction with its kernel w (a single transform, or a chain's first
+    stage), the backward pass does without the scaled input. The product is linear in each input feature, so
+
+        ∂w = v ⊙ (xᵀ ∂y) over w's input axes,   ∂x = v ⊙ (∂y wᵀ),   ∂v = Σ_rows x ⊙ (∂y wᵀ):
+
+    the weight gradient is taken from x itself and scaled after, which XLA fuses into its consumers (AdamW's
+    moments), instead of autodiff's `(x ⊙ v)ᵀ ∂y`, which writes `x ⊙ v` again in the backward pass beside the x
+    that ∂v reads. Measured on the benchmark LM at 128 tokens (full multipliers, 2 CPU cores, three processes
+    side by side): the step 0.965-0.975x the autodiff form's, its peak memory plain's (98.6 against 102.3 MiB).
+    A later chain stage's base is not a contraction with a kernel: it gets autodiff's form."""
+    base = self.base
+    if not isinstance(base, _Contraction):
+      return base(self.scale_in(x, v))
+    return _input_scaled(base.matmul, base.x_axes, base.layout, x, base.w, v)
 
   @staticmethod
   def scale_out(y: jax.Array, v: jax.Array) -> jax.Array:
@@ -136,6 +155,50 @@ def _scale_trailing_bwd(res, g):
 _scale_trailing.defvjp(_scale_trailing_fwd, _scale_trailing_bwd)
 
 
+class _Contraction(NamedTuple):
+  """A layer's own `x -> x·w` as `Layer.base`: the plain layer with its kernel, not a chain stage's form."""
+  matmul: Callable[[jax.Array, jax.Array], jax.Array]
+  w: jax.Array
+  x_axes: tuple[int, ...]       # x's contracted feature axes, in the order of w's input axes
+  layout: Layout
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.matmul(x, self.w)
+
+
+def _times_features(x: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """`x ⊙ v` for v shaped like x's `axes`."""
+  if axes == tuple(range(x.ndim - len(axes), x.ndim)):
+    return x * v
+  return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in axes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _input_scaled(matmul, x_axes, layout, x, w, v):
+  """`matmul(x ⊙ v, w)`, v per input feature, differentiated from x itself (`Layer.base_scaled_in`)."""
+  return matmul(_times_features(x, v, x_axes), w)
+
+
+def _input_scaled_fwd(matmul, x_axes, layout, x, w, v):
+  return _input_scaled(matmul, x_axes, layout, x, w, v), (x, w, v)
+
+
+def _input_scaled_bwd(matmul, x_axes, layout, res, g):
+  x, w, v = res
+  xv = x.astype(jnp.result_type(x, v))                 # the dtype x ⊙ v had in the forward pass
+  dxv, dw_of_x = jax.vjp(matmul, xv, w)[1](g)          # the product itself is dead code here: XLA drops it
+  terms = xv * dxv
+  if x_axes == tuple(range(x.ndim - len(x_axes), x.ndim)):    # on the 2-D view (see `scale_trailing`)
+    dv = jnp.sum(terms.reshape(-1, v.size), axis=0).reshape(v.shape)
+  else:
+    dv = jnp.sum(terms, axis=tuple(a for a in range(x.ndim) if a not in x_axes))
+  dw = dw_of_x * expand(v, layout, layout.inputs)
+  return _times_features(dxv, v, x_axes).astype(x.dtype), dw.astype(w.dtype), dv.astype(v.dtype)
+
+
+_input_scaled.defvjp(_input_scaled_fwd, _input_scaled_bwd)
+
+
 def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = False,
              notes: Optional[list] = None, on_cpu: bool = False) -> Layer:
   """The `Layer` of a bound Dense, DenseGeneral or Conv about to be called on `x`, with stored kernel `w`."""
@@ -165,7 +228,8 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
     return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in x_axes))
 
   rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
-  return Layer(layout, lambda x: matmul(x, w), matmul, scale_in, rows, w.size, by_cost, notes, on_cpu)
+  return Layer(layout, _Contraction(matmul, w, x_axes, layout), matmul, scale_in, rows, w.size, by_cost, notes,
+               on_cpu)
 
 
 def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, on_cpu: bool, notes: list):

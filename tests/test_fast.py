@@ -184,6 +184,58 @@ def test_scale_trailing_is_broadcasting(y_shape, v_shape):
   np.testing.assert_allclose(dv, np.sum(dz64 * y64, axis=rows), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("module, x_shape, w_shape", [
+    (nn.Dense(5), (2, 3, 4), (4, 5)),
+    (nn.DenseGeneral(6, axis=1), (2, 4, 3), (4, 6)),                  # features in the middle of x
+    (nn.Conv(4, (3, 3), padding="VALID"), (2, 5, 5, 3), (3, 3, 3, 4)),   # per channel, over the window
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_base_scaled_in_takes_the_weight_gradient_from_the_unscaled_input(module, x_shape, w_shape, dtype):
+  """`Layer.base_scaled_in(x, v)` (a column multiplier before the layer's own contraction, whose backward pass
+  scales `xᵀ ∂y` by v instead of forming `x ⊙ v` again) against autodiff of `matmul(x ⊙ v, w)`: value and the
+  gradients of x, w and v, with one v exactly 0; for the Dense, against numpy float64 formulas too."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+  v = jnp.asarray(rng.standard_normal(w_shape[-2]), jnp.float32).at[1].set(0.0)
+  loss = lambda y: jnp.sum(jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)) * y)
+
+  def ours_fn(x, w, v):          # the layer holds w: built inside, as `reparam.apply` does for every call
+    return loss(fast.layer_of(module, x, w).base_scaled_in(x, v))
+
+  def autodiff_fn(x, w, v):
+    layer = fast.layer_of(module, x, w)
+    return loss(layer.matmul(layer.scale_in(x, v), w))
+
+  ours, autodiff = (jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, v) for f in (ours_fn, autodiff_fn))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(autodiff)):
+    assert a.dtype == b.dtype
+    scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * scale)
+  if isinstance(module, nn.Dense) and dtype == jnp.float32:
+    x64, w64, v64 = (np.asarray(a, np.float64) for a in (x, w, v))
+    r = np.cos(np.arange(2 * 3 * 5, dtype=np.float64).reshape(2, 3, 5))
+    dxv = r @ w64.T
+    np.testing.assert_allclose(ours[0], np.sum(r * ((x64 * v64) @ w64)), rtol=1e-5)
+    np.testing.assert_allclose(ours[1][0], dxv * v64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1][1], np.einsum("bti,bto->io", x64 * v64, r), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1][2], np.sum(x64 * dxv, axis=(0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_base_scaled_in_after_a_chain_stage_is_autodiffs_form():
+  """A later chain stage's base is that stage's function, not the layer's contraction with its kernel: there
+  `base_scaled_in` is `base(scale_in(x, v))` (whose numbers `test_fast_path_equals_materialize` checks)."""
+  x, w = jnp.ones((3, 4)), jnp.ones((4, 2))
+  layer = fast.layer_of(nn.Dense(2), x, w)
+  assert isinstance(layer.base, fast._Contraction)
+  seen = []
+  stage = layer._replace(base=lambda x: seen.append(x) or layer.matmul(x, 2 * w))
+  v = jnp.arange(4.0)
+  np.testing.assert_allclose(stage.base_scaled_in(x, v), (x * v) @ (2 * w))
+  np.testing.assert_allclose(seen[0], x * v)
+
+
 class MiddleAxis(nn.Module):
   @nn.compact
   def __call__(self, x):                                           # x: (B, 4, 3): contracts the 4, not trailing

@@ -49,7 +49,9 @@ def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
 
   def linear(factors, w, x, layer):
     """Activation space: `y = s · r ⊙ ((x ⊙ c) K)`, exact since `c` scales the contracted input features and
-    `s·r` the output units; no O(in·out) work beyond the layer's own (for a conv, `c` is per channel, as here)."""
+    `s·r` the output units; no pass over the weight beyond the layer's own (for a conv, `c` is per channel, as
+    here). K's gradient is taken from x and scaled by c (`Layer.base_scaled_in`), a product XLA fuses into the
+    optimizer's pass over that gradient."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
     s, row, col = factors.get("scalar"), factors.get("row"), factors.get("col")
@@ -62,9 +64,7 @@ def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
       s, row = None, s * row
     elif s is not None and col is not None:
       s, col = None, s * col
-    if col is not None:
-      x = layer.scale_in(x, col)
-    y = layer.base(x)
+    y = layer.base(x) if col is None else layer.base_scaled_in(x, col)
     if row is not None:
       y = layer.scale_out(y, row)
     return y if s is None else y * s
