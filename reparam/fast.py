@@ -101,8 +101,9 @@ class Layer(NamedTuple):
 
     the weight gradient is taken from x itself and scaled after, which XLA fuses into its consumers (AdamW's
     moments), instead of autodiff's `(x ⊙ v)ᵀ ∂y`, which writes `x ⊙ v` again in the backward pass beside the x
-    that ∂v reads. Measured on the benchmark LM at 128 tokens (full multipliers, 2 CPU cores, three processes
-    side by side): the step 0.965-0.975x the autodiff form's, its peak memory plain's (98.6 against 102.3 MiB).
+    that ∂v reads. On the benchmark LM at 128 tokens (full multipliers, 2 CPU cores) the step's peak memory is
+    99.6 MiB against autodiff's 102.3 (plain 98.8); its time 0.965-0.975x autodiff's in three processes side by
+    side, while six more on a busier machine could not tell the two apart (docs/performance_history.md).
     A later chain stage's base is not a contraction with a kernel: it gets autodiff's form."""
     base = self.base
     if not isinstance(base, _Contraction):
