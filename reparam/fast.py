@@ -167,9 +167,13 @@ class _Contraction(NamedTuple):
     return self.matmul(x, self.w)
 
 
+def _trailing(axes: tuple[int, ...], ndim: int) -> bool:
+  return axes == tuple(range(ndim - len(axes), ndim))
+
+
 def _times_features(x: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """`x ⊙ v` for v shaped like x's `axes`."""
-  if axes == tuple(range(x.ndim - len(axes), x.ndim)):
+  if _trailing(axes, x.ndim):
     return x * v
   return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in axes))
 
@@ -189,7 +193,7 @@ def _input_scaled_bwd(matmul, x_axes, layout, res, g):
   xv = x.astype(jnp.result_type(x, v))                 # the dtype x ⊙ v had in the forward pass
   dxv, dw_of_x = jax.vjp(matmul, xv, w)[1](g)          # the product itself is dead code here: XLA drops it
   terms = xv * dxv
-  if x_axes == tuple(range(x.ndim - len(x_axes), x.ndim)):    # on the 2-D view (see `scale_trailing`)
+  if _trailing(x_axes, x.ndim):           # the sum on the 2-D view (see `scale_trailing`)
     dv = jnp.sum(terms.reshape(-1, v.size), axis=0).reshape(v.shape)
   else:
     dv = jnp.sum(terms, axis=tuple(a for a in range(x.ndim) if a not in x_axes))
@@ -224,9 +228,7 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
     return layer.apply({"params": {"kernel": kernel}}, x)
 
   def scale_in(x, v):
-    if x_axes == tuple(range(x.ndim - len(x_axes), x.ndim)):     # the features are x's trailing axes
-      return scale_trailing(x, v)
-    return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in x_axes))
+    return scale_trailing(x, v) if _trailing(x_axes, x.ndim) else _times_features(x, v, x_axes)
 
   rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
   return Layer(layout, _Contraction(matmul, w, x_axes, layout), matmul, scale_in, rows, w.size, by_cost, notes,
