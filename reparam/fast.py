@@ -108,7 +108,7 @@ class Layer(NamedTuple):
     base = self.base
     if not isinstance(base, _Contraction):
       return base(self.scale_in(x, v))
-    return _input_scaled(base.matmul, base.x_axes, base.layout, x, base.w, v)
+    return _input_scaled(base.matmul, base.x_axes, self.layout, x, base.w, v)
 
   @staticmethod
   def scale_out(y: jax.Array, v: jax.Array) -> jax.Array:
@@ -149,8 +149,13 @@ def _scale_trailing_fwd(y, v):
 
 def _scale_trailing_bwd(res, g):
   y, v = res
-  rows = g.reshape(-1, v.size) * y.reshape(-1, v.size)
-  return (g * v).astype(y.dtype), jnp.sum(rows, axis=0).reshape(v.shape).astype(v.dtype)
+  return (g * v).astype(y.dtype), _sum_over_rows(g, y, v.shape).astype(v.dtype)
+
+
+def _sum_over_rows(a: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`Σ a ⊙ b` over every axis but the trailing ones, shaped `shape`, taken on the 2-D (rows, features) view."""
+  size = math.prod(shape)
+  return jnp.sum(a.reshape(-1, size) * b.reshape(-1, size), axis=0).reshape(shape)
 
 
 _scale_trailing.defvjp(_scale_trailing_fwd, _scale_trailing_bwd)
@@ -161,7 +166,6 @@ class _Contraction(NamedTuple):
   matmul: Callable[[jax.Array, jax.Array], jax.Array]
   w: jax.Array
   x_axes: tuple[int, ...]       # x's contracted feature axes, in the order of w's input axes
-  layout: Layout
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.matmul(x, self.w)
@@ -192,11 +196,10 @@ def _input_scaled_bwd(matmul, x_axes, layout, res, g):
   x, w, v = res
   xv = x.astype(jnp.result_type(x, v))                 # the dtype x ⊙ v had in the forward pass
   dxv, dw_of_x = jax.vjp(matmul, xv, w)[1](g)          # the product itself is dead code here: XLA drops it
-  terms = xv * dxv
-  if _trailing(x_axes, x.ndim):           # the sum on the 2-D view (see `scale_trailing`)
-    dv = jnp.sum(terms.reshape(-1, v.size), axis=0).reshape(v.shape)
+  if _trailing(x_axes, x.ndim):           # on the 2-D view, as `scale_trailing`
+    dv = _sum_over_rows(xv, dxv, v.shape)
   else:
-    dv = jnp.sum(terms, axis=tuple(a for a in range(x.ndim) if a not in x_axes))
+    dv = jnp.sum(xv * dxv, axis=tuple(a for a in range(x.ndim) if a not in x_axes))
   dw = dw_of_x * expand(v, layout, layout.inputs)
   return _times_features(dxv, v, x_axes).astype(x.dtype), dw.astype(w.dtype), dv.astype(v.dtype)
 
@@ -231,8 +234,7 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
     return scale_trailing(x, v) if _trailing(x_axes, x.ndim) else _times_features(x, v, x_axes)
 
   rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
-  return Layer(layout, _Contraction(matmul, w, x_axes, layout), matmul, scale_in, rows, w.size, by_cost, notes,
-               on_cpu)
+  return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, notes, on_cpu)
 
 
 def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, on_cpu: bool, notes: list):
