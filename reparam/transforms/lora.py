@@ -46,14 +46,14 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   """`(x K₀ + s (x A) B) ⊙ out_scale` with the layer's own contraction (see `Reparam.linear`); `K₀` frozen.
 
   `x A` runs the layer with A as its kernel (a conv's window, padding and strides included), then B contracts the
-  trailing rank axis (a 1×1 projection). A per-output-unit `out_scale` (DoRA's m/n) is folded into B, so that
-  it costs one multiply on `x K₀`. The rank projection is a 2-D (rows, rank)·(rank, units) `dot`: XLA's CPU
+  trailing rank axis (a 1×1 projection). A per-output-unit `out_scale` (DoRA's m/n) scales both terms, in the
+  fusion that adds them. The rank projection is a 2-D (rows, rank)·(rank, units) `dot`: XLA's CPU
   backend ran the 3-D `tensordot` far slower (the LoRA step measured 0.82-0.86x plain before, 0.70x after,
   benchmarks/train_step.py).
 
-  `out_scale`'s gradient is a sum over rows of `x K₀` times the output's gradient. The backward pass gets
-  `x K₀` back from the layer's output (`_scaled_lowrank`), which the next layer may keep anyway (a GELU's
-  input), or, with `remat`, computes it again (one more rows × in × out matmul, nothing kept).
+  `out_scale`'s gradient is a sum over rows of `x K₀ + s (x A) B` times the output's gradient. The backward
+  pass gets that sum back from the layer's output (`_scaled_lowrank`), which the next layer may keep anyway (a
+  GELU's input), or, with `remat`, computes `x K₀` again (one more rows × in × out matmul, nothing kept).
   """
   w = jax.lax.stop_gradient(w)
   xa = layer.matmul(x, factors["A"])
@@ -63,38 +63,54 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   if remat:
     scaled_base = lambda x, v: layer.scale_out(layer.matmul(x, w), v)
     return _plus_rank_product(jax.checkpoint(scaled_base)(x, out_scale), xa, b * out_scale)
-  return _scaled_lowrank(layer.matmul(x, w), xa, b * out_scale, out_scale)
+  return _scaled_lowrank(layer.matmul(x, w), xa, b, out_scale)
+
+
+def _rank_product(xa: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`(x A) b` shaped `shape`, the rank axis contracted as a 2-D (rows, rank)·(rank, units) `dot`."""
+  rank, units = b.shape[0], b.size // b.shape[0]
+  return jnp.dot(xa.reshape(-1, rank), b.reshape(rank, units).astype(xa.dtype)).reshape(shape)
 
 
 def _plus_rank_product(y0: jax.Array, xa: jax.Array, b: jax.Array) -> jax.Array:
-  """`y0 + (x A) b`, the rank axis contracted as a 2-D (rows, rank)·(rank, units) `dot`."""
-  rank, units = b.shape[0], b.size // b.shape[0]
-  xab = jnp.dot(xa.reshape(-1, rank), b.reshape(rank, units).astype(xa.dtype))
-  return y0 + xab.reshape(y0.shape)
+  """`y0 + (x A) b`."""
+  return y0 + _rank_product(xa, b, y0.shape)
 
 
-# A scale this small in magnitude is applied as ±TINY, so that `x K₀` can be read back from the output (below).
+# A scale this small in magnitude is applied as ±TINY, so that `x K₀ + s (x A) B` can be read back from the
+# output (below).
 TINY = 1e-30
 
 
 @jax.custom_vjp
 def _scaled_lowrank(y0: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) -> jax.Array:
-  """`y = y0 ⊙ v + (x A) b` (`y0 = x K₀`, `b` = s·B ⊙ v already), whose backward pass keeps y, not `y0`.
+  """`y = v ⊙ u`, `u = y0 + (x A) b` (`y0 = x K₀`, `b = s·B`), whose backward pass keeps y, not u or `y0`:
 
-  v's gradient, Σ_rows g ⊙ y0, is read off y: Σ_rows g ⊙ y = v ⊙ Σ_rows g ⊙ y0 + Σ_k b_k ⊙ ((x A)ᵀ g)_k, and
-  `(x A)ᵀ g` is B's gradient, computed anyway. So the backward keeps y (rows × out) where autodiff would keep
-  `y0` (as large), and where the next layer keeps y itself (a GELU's input) XLA holds one buffer for both:
-  DoRA's peak memory on the benchmark LM went from 1.077x / 1.108x LoRA's to 1.036x / 1.041x (128 / 4096
-  tokens), at the same time. Dividing by v needs v ≠ 0: a unit with |m/n| < TINY (m = 0 set by hand) is
-  scaled by ±TINY instead of v, a change of TINY times its unscaled output, and its m still gets its gradient.
-  The output is in y0's dtype (what the layer returns), the sums in float32.
+      ∂v = Σ_rows g ⊙ u = (Σ_rows g ⊙ y) / v,    g' = g ⊙ v,    ∂y0 = g',    ∂b = (x A)ᵀ g',    ∂(x A) = g' bᵀ.
+
+  So the backward keeps y (rows × out) where autodiff would keep `y0` (as large), and where the next layer
+  keeps y itself (a GELU's input) XLA holds one buffer for both: DoRA's peak memory on the benchmark LM went
+  from 1.077x / 1.108x LoRA's to 1.036x / 1.041x (128 / 4096 tokens), at the same time.
+
+  The forward computes `y0 ⊙ v + ((x A) b) ⊙ v`, one fusion after the rank product. Written as
+  `(y0 + (x A) b) ⊙ v`, XLA kept one more (rows × out) buffer per layer beside a GELU (`tests/test_fast.py`);
+  as `y0 ⊙ v + (x A)(b ⊙ v)` (the earlier form) it spent a kernel per layer on `b ⊙ v`. The backward treats u
+  as a whole. Autodiff through the earlier form's `b ⊙ v` gave v's gradient as y0's share plus B's,
+  `Σ_k b_k ⊙ ((x A)ᵀ g)_k`, and the read-back from y had first to subtract that same share: small kernels in
+  every layer that cancel in exact arithmetic. With both changes the benchmark LM's step has 492 kernels
+  instead of 564 (`benchmarks/hlo_traffic.py`).
+
+  Dividing by v needs v ≠ 0: a unit with |m/n| < TINY (m = 0 set by hand) is scaled by ±TINY instead of v, a
+  change of TINY times its output u, and its m still gets its gradient. The output is in y0's dtype (what the
+  layer returns), the sums in float32.
   """
   return _scaled_lowrank_fwd(y0, xa, b, v)[0]
 
 
 def _scaled_lowrank_fwd(y0, xa, b, v):
   v_safe = jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY).astype(v.dtype), v)
-  y = _plus_rank_product(y0 * v_safe.astype(jnp.float32), xa, b).astype(y0.dtype)
+  v32 = v_safe.astype(jnp.float32)
+  y = (y0 * v32 + _rank_product(xa, b, y0.shape) * v32).astype(y0.dtype)
   return y, (xa, b, v_safe, y)
 
 
@@ -103,11 +119,11 @@ def _scaled_lowrank_bwd(res, g):
   rank, units = b.shape[0], b.size // b.shape[0]
   g2, xa2, b2 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units)
   v1 = v_safe.reshape(units).astype(jnp.float32)
-  g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32)      # B's gradient, as in LoRA
-  g_xa = jnp.dot(g2, b2.T.astype(g2.dtype))
-  g_y = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0)
-  g_v = (g_y - jnp.sum(b2 * g_b, axis=0)) / v1                                          # Σ_rows g ⊙ y0
-  return ((g2 * v1).reshape(g.shape).astype(g.dtype), g_xa.reshape(xa.shape).astype(xa.dtype),
+  gv = (g2.astype(jnp.float32) * v1).astype(g.dtype)                                   # g' = g ⊙ v
+  g_b = jnp.dot(xa2.T, gv.astype(xa2.dtype), preferred_element_type=jnp.float32)
+  g_xa = jnp.dot(gv, b2.T.astype(gv.dtype))
+  g_v = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0) / v1
+  return (gv.reshape(g.shape), g_xa.reshape(xa.shape).astype(xa.dtype),
           g_b.reshape(b.shape).astype(b.dtype), g_v.reshape(v_safe.shape).astype(v_safe.dtype))
 
 
