@@ -59,8 +59,8 @@ class Reparam(NamedTuple):
     chain stage's output; `layer.matmul(x, k)`, the layer's own contraction with any kernel `k` shaped
     (window..., in..., any out...) (e.g. LoRA's A); `layer.scale_in(x, v)`, x scaled per input feature;
     `layer.check(layout)`, which raises `NoFastForm` unless the transform's axes are the layer's;
-    `layer.check_cost(per_row, on_cpu=False)`, which raises it where scaling `per_row` activations of each row
-    costs more than the weight (off CPU, or on CPU too with `on_cpu=True`; the layer then runs materialized).
+    `layer.check_cost(per_row)`, which raises it off CPU where scaling `per_row` activations of each row costs
+    more than the weight (the layer then runs materialized).
     Output units are the trailing axes of y; `layer.scale_out(y, v)` scales them per unit (on the 2-D view that
     XLA's CPU backend differentiates fastest). A transform that freezes `w` must not call
     `layer.base` (its gradient would reach earlier stages) but `layer.matmul(x, stop_gradient(w))`; `w` is a

@@ -17,8 +17,8 @@ features and no bias: padding, strides, dilation, axes, dtype and precision stay
 runs on the materialized kernel, which is the reference: other layer types, masked or grouped convolutions,
 DenseGeneral with `batch_dims`, a rule whose axes are not the layer's, a transform without `linear`, a kernel
 the layer sees through a lifted transform (`nn.scan`, `nn.remat`, `nn.map_variables`) or variable mapping, and a
-layer where the weight-space form is cheaper (`Layer.activation_space_pays`: off CPU for multipliers, weight norm
-and DoRA, on CPU for the multipliers).
+layer where the weight-space form is cheaper (`Layer.activation_space_pays`: off CPU only, for multipliers,
+weight norm and DoRA).
 `explain` says which path each wrapped kernel took. `apply(..., scales={path: c})` multiplies leaves by
 constants with the scaled leaf's gradient (NaP's lazy projection, `reparam.core.scaled`); a plain layer whose
 kernel is scaled runs as `c·(x·q)`, never forming `c·q`.
@@ -55,8 +55,7 @@ class Layer(NamedTuple):
       `base_scaled_in(x, v)` is `base(scale_in(x, v))` with a cheaper backward pass where it can;
     rows: x's rows (its size over the contracted features: tokens for a Dense); weight_size: in·out (·window);
     by_cost: whether a form that scales activations should first ask `activation_space_pays` (`check_cost`):
-      apply's space="auto";
-    on_cpu: whether the layer runs on XLA:CPU, where only the forms that say so ask (`check_cost`);
+      apply's space="auto" off CPU (on XLA:CPU every activation form won at every size measured);
     notes: where a chain records the stages it ran materialized (`explain` reports them), or None.
   """
   layout: Layout
@@ -67,7 +66,6 @@ class Layer(NamedTuple):
   weight_size: int = 0
   by_cost: bool = False
   notes: Optional[list] = None
-  on_cpu: bool = False
 
   def activation_space_pays(self, per_row: int) -> bool:
     """Whether scaling `per_row` activations in each of the `rows` rows costs no more than a pass over the weight.
@@ -77,17 +75,18 @@ class Layer(NamedTuple):
     form also skips the frozen weight's gradient, a matmul, but scales and adds (rows × out) activations. On a
     GPU the activation forms lost wherever activations outnumber the weight: at 4096 tokens of d_model 256 on an
     H100 multipliers cost 1.59x plain (1.14x materialized) and DoRA 1.38x LoRA (0.95x), at 8192 tokens of
-    d_model 1024 in bf16 1.14x (1.06x) and 1.15x (1.01x). On CPU the count decides for the multipliers only
-    (benchmarks/train_step.py with huge pages, one process, d_model 256 at 4096 tokens: 1.097x plain in
-    activation space against 1.007x materialized; at 128 tokens of d_model 512, where the activations are the
-    smaller count, activation space wins). Weight norm's and DoRA's activation forms won there even with 16
-    activations a weight (0.910x plain against 0.982x; 1.10x LoRA against 1.47x): docs/performance.md."""
+    d_model 1024 in bf16 1.14x (1.06x) and 1.15x (1.01x). On CPU the activation forms won at every size
+    measured (benchmarks/train_step.py with huge pages): weight norm and DoRA with 16 activations a weight
+    (0.910x plain against 0.982x materialized; 1.10x LoRA against 1.47x), the multipliers at d_model 256 with 32
+    (4096 tokens: 0.972x plain against 1.016x, six processes) and 128 (16384 tokens: 0.967x against 1.024x, one
+    process), measured after their column's backward stopped writing `x ⊙ c` (`base_scaled_in`; before that
+    change 1.097x against 1.007x at 4096 tokens): docs/performance.md."""
     return self.rows * per_row <= self.weight_size
 
-  def check_cost(self, per_row: int, on_cpu: bool = False) -> None:
-    """Under space="auto", raises NoFastForm (the layer then runs materialized) unless
-    `activation_space_pays(per_row)`; on CPU only for a form that passes `on_cpu=True` (the multipliers)."""
-    if self.by_cost and (on_cpu or not self.on_cpu) and not self.activation_space_pays(per_row):
+  def check_cost(self, per_row: int) -> None:
+    """With `by_cost`, raises NoFastForm (the layer then runs materialized) unless
+    `activation_space_pays(per_row)`."""
+    if self.by_cost and not self.activation_space_pays(per_row):
       raise NoFastForm(f"weight space is cheaper here ({self.rows} rows x {per_row} activations to scale > "
                        f"{self.weight_size} weights)")
 
@@ -208,7 +207,7 @@ _input_scaled.defvjp(_input_scaled_fwd, _input_scaled_bwd)
 
 
 def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = False,
-             notes: Optional[list] = None, on_cpu: bool = False) -> Layer:
+             notes: Optional[list] = None) -> Layer:
   """The `Layer` of a bound Dense, DenseGeneral or Conv about to be called on `x`, with stored kernel `w`."""
   if type(module) is nn.Conv:
     if module.mask is not None or module.feature_group_count != 1:
@@ -234,10 +233,10 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
     return scale_trailing(x, v) if _trailing(x_axes, x.ndim) else _times_features(x, v, x_axes)
 
   rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
-  return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, notes, on_cpu)
+  return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, notes)
 
 
-def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, on_cpu: bool, notes: list):
+def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, notes: list):
   t, factors, w, kernel = entry
   if t.linear is None:
     raise NoFastForm(f"{t.name} has no activation-space form")
@@ -246,7 +245,7 @@ def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, on_cp
   if module.get_variable("params", "kernel") is not kernel:
     raise NoFastForm("the layer does not see the wrapped kernel as is (lifted transform or variable mapping)")
   x = _x_of(call_args, call_kwargs)
-  layer = layer_of(module, x, w, by_cost, notes, on_cpu)
+  layer = layer_of(module, x, w, by_cost, notes)
   busy.append(module)      # the clones `layer.matmul` applies are our own calls: not to be intercepted
   try:
     y = t.linear(factors, w, x, layer)
@@ -313,7 +312,7 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
          log: Optional[dict] = None, scales: Optional[dict] = None):
   if space not in SPACES:
     raise ConfigError(f"space={space!r} is not one of: {', '.join(SPACES)}")
-  by_cost, on_cpu = space == "auto", jax.default_backend() == "cpu"
+  by_cost = space == "auto" and jax.default_backend() != "cpu"      # `Layer.activation_space_pays`
   entries = {}
   # A scaled leaf enters every other read as c·q (dead code under jit where its plain layer runs `_scaled_call`).
   stored, rparams = flatten(rparams), scaled(rparams, scales or {})
@@ -350,7 +349,7 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
       return next_fun(*call_args, **call_kwargs)
     notes = []
     try:
-      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, by_cost, on_cpu, notes)
+      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, by_cost, notes)
     except NoFastForm as e:
       if log is not None:
         log[path] = f"materialized: {e}"
@@ -371,8 +370,7 @@ def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[
   to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
   has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
   `space`: "auto" runs multipliers, weight norm and DoRA materialized on a layer whose activations outnumber its
-  weight (`Layer.activation_space_pays`), off CPU; on CPU, the multipliers only; "activation" uses every form
-  there is. `scales` (`{rparams path: scalar}`) runs the model on `reparam.core.scaled(rparams, scales)`: each
+  weight (`Layer.activation_space_pays`), off CPU only; "activation" uses every form there is, everywhere. `scales` (`{rparams path: scalar}`) runs the model on `reparam.core.scaled(rparams, scales)`: each
   such leaf is multiplied by its scalar and differentiated as the product; an unwrapped Dense, DenseGeneral or
   Conv kernel among them runs as `c·(x·q)`, in activation space (`reparam.optim`'s lazy NaP projection). Meant to be
   called inside `jit` (e.g. at the top of the loss); linen models only.

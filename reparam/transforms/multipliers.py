@@ -57,7 +57,7 @@ def multipliers(scalar: bool = False, row: bool = False, col: bool = False,
     s, row, col = factors.get("scalar"), factors.get("row"), factors.get("col")
     per_row = (math.prod(layout.in_shape(w.shape)) if col is not None else 0) + (
         layout.fan_out(w.shape) if row is not None or s is not None else 0)
-    layer.check_cost(per_row, on_cpu=True)      # on CPU too: measured in `Layer.activation_space_pays`
+    layer.check_cost(per_row)
     # The scalar rides on a vector that scales the activations anyway: each pass over them costs as much as a
     # (tokens × features) matmul's epilogue, so one per side, not two.
     if s is not None and row is not None:
