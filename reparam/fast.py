@@ -370,10 +370,11 @@ def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[
   to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
   has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
   `space`: "auto" runs multipliers, weight norm and DoRA materialized on a layer whose activations outnumber its
-  weight (`Layer.activation_space_pays`), off CPU only; "activation" uses every form there is, everywhere. `scales` (`{rparams path: scalar}`) runs the model on `reparam.core.scaled(rparams, scales)`: each
-  such leaf is multiplied by its scalar and differentiated as the product; an unwrapped Dense, DenseGeneral or
-  Conv kernel among them runs as `c·(x·q)`, in activation space (`reparam.optim`'s lazy NaP projection). Meant to be
-  called inside `jit` (e.g. at the top of the loss); linen models only.
+  weight (`Layer.activation_space_pays`), off CPU only; "activation" uses every form there is, everywhere.
+  `scales` (`{rparams path: scalar}`) runs the model on `reparam.core.scaled(rparams, scales)`: each such leaf is
+  multiplied by its scalar and differentiated as the product; an unwrapped Dense, DenseGeneral or Conv kernel
+  among them runs as `c·(x·q)`, in activation space (`reparam.optim`'s lazy NaP projection). Meant to be called
+  inside `jit` (e.g. at the top of the loss); linen models only.
   """
   return _run(rules, model, rparams, args, collections, kwargs, space, scales=scales)
 

@@ -58,13 +58,13 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     detach_norm: stop the gradient through the column norm `n` (paper §4.3).
     eps: added in quadrature to every norm.
     in_axes, out_axes: the kernel's input and output axes (see `reparam.layout`).
-    remat: in activation space (`reparam.apply`), m's gradient needs `x K₀`. By default it is read back from the
-      layer's output, which is then kept for the backward pass: free where the next layer keeps that output
-      anyway (a GELU's input), (rows × out) per layer where it does not (attention's q, k, v, which XLA keeps
-      in a layout of its own; before a residual add). With `remat=True`, `x K₀` is computed again in the
+    remat: in activation space (`reparam.apply`), m's gradient needs `x K₀ + s (x A) B`. By default it is read
+      back from the layer's output, which is then kept for the backward pass: free where the next layer keeps
+      that output anyway (a GELU's input), (rows × out) per layer where it does not (attention's q, k, v, which
+      XLA keeps in a layout of its own; before a residual add). With `remat=True`, `x K₀` is computed again in the
       backward pass instead (one more rows × in × out matmul) and nothing is kept. Same values and gradients
       either way; it can be chosen per layer through the rules. Measured on the benchmark LM, 2 CPU cores
-      (docs/performance.md), DoRA's step against LoRA's at 128 / 4096 tokens: peak memory 1.036x / 1.041x by
+      (docs/performance.md), DoRA's step against LoRA's at 128 / 4096 tokens: peak memory 1.030x / 1.041x by
       default, 0.998x / 0.984x with remat, which costs 1.39-1.48x / 1.14-1.17x LoRA's time where the default
       costs 1.08-1.12x / 0.96-1.07x (side-by-side runs).
   """
