@@ -174,11 +174,15 @@ def _trailing(axes: tuple[int, ...], ndim: int) -> bool:
   return axes == tuple(range(ndim - len(axes), ndim))
 
 
+def _other_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+  return tuple(a for a in range(ndim) if a not in axes)
+
+
 def _times_features(x: jax.Array, v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """`x ⊙ v` for v shaped like x's `axes`."""
   if _trailing(axes, x.ndim):
     return x * v
-  return x * jnp.expand_dims(v, tuple(a for a in range(x.ndim) if a not in axes))
+  return x * jnp.expand_dims(v, _other_axes(axes, x.ndim))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -198,7 +202,7 @@ def _input_scaled_bwd(matmul, x_axes, layout, res, g):
   if _trailing(x_axes, x.ndim):           # on the 2-D view, as `scale_trailing`
     dv = _sum_over_rows(xv, dxv, v.shape)
   else:
-    dv = jnp.sum(xv * dxv, axis=tuple(a for a in range(x.ndim) if a not in x_axes))
+    dv = jnp.sum(xv * dxv, axis=_other_axes(x_axes, x.ndim))
   dw = dw_of_x * expand(v, layout, layout.inputs)
   return _times_features(dxv, v, x_axes).astype(x.dtype), dw.astype(w.dtype), dv.astype(v.dtype)
 
