@@ -56,6 +56,8 @@ class Layer(NamedTuple):
     rows: x's rows (its size over the contracted features: tokens for a Dense); weight_size: in·out (·window);
     by_cost: whether a form that scales activations should first ask `activation_space_pays` (`check_cost`):
       apply's space="auto" off CPU (on XLA:CPU every activation form won at every size measured);
+    auto: apply's space="auto", on any backend: a form with a cheaper variant for the layer's shape may take it
+      (`scales_kernel`);
     notes: where a chain records the stages it ran materialized (`explain` reports them), or None.
   """
   layout: Layout
@@ -65,6 +67,7 @@ class Layer(NamedTuple):
   rows: int = 0
   weight_size: int = 0
   by_cost: bool = False
+  auto: bool = False
   notes: Optional[list] = None
 
   def activation_space_pays(self, per_row: int) -> bool:
@@ -89,6 +92,14 @@ class Layer(NamedTuple):
     if self.by_cost and not self.activation_space_pays(per_row):
       raise NoFastForm(f"weight space is cheaper here ({self.rows} rows x {per_row} activations to scale > "
                        f"{self.weight_size} weights)")
+
+  def scales_kernel(self, per_row: int) -> bool:
+    """Whether a form that can scale the kernel instead of its output (DoRA's `x (K₀ ⊙ m/n)`) should: with
+    space="auto" on CPU, where the `rows · per_row` activations it would scale outnumber the weights (off CPU
+    `check_cost` has sent such a layer to weight space already). Measured for DoRA on the benchmark LM (2 CPU
+    cores, side by side): 0.946x the activation form's step at 4096 tokens of d_model 256, 1.29x at 128 tokens of
+    d_model 512 (docs/performance.md)."""
+    return self.auto and not self.by_cost and not self.activation_space_pays(per_row)
 
   def base_scaled_in(self, x: jax.Array, v: jax.Array) -> jax.Array:
     """`base(scale_in(x, v))`: the input scaled per feature (a column multiplier), then the base.
@@ -210,7 +221,7 @@ def _input_scaled_bwd(matmul, x_axes, layout, res, g):
 _input_scaled.defvjp(_input_scaled_fwd, _input_scaled_bwd)
 
 
-def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = False,
+def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = False, auto: bool = False,
              notes: Optional[list] = None) -> Layer:
   """The `Layer` of a bound Dense, DenseGeneral or Conv about to be called on `x`, with stored kernel `w`."""
   if type(module) is nn.Conv:
@@ -237,10 +248,10 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
     return scale_trailing(x, v) if _trailing(x_axes, x.ndim) else _times_features(x, v, x_axes)
 
   rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
-  return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, notes)
+  return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, auto, notes)
 
 
-def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, notes: list):
+def _fast_call(module, entry, call_args, call_kwargs, busy, space: str, notes: list):
   t, factors, w, kernel = entry
   if t.linear is None:
     raise NoFastForm(f"{t.name} has no activation-space form")
@@ -249,7 +260,8 @@ def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, notes
   if module.get_variable("params", "kernel") is not kernel:
     raise NoFastForm("the layer does not see the wrapped kernel as is (lifted transform or variable mapping)")
   x = _x_of(call_args, call_kwargs)
-  layer = layer_of(module, x, w, by_cost, notes)
+  auto = space == "auto"
+  layer = layer_of(module, x, w, auto and jax.default_backend() != "cpu", auto, notes)
   busy.append(module)      # the clones `layer.matmul` applies are our own calls: not to be intercepted
   try:
     y = t.linear(factors, w, x, layer)
@@ -316,7 +328,6 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
          log: Optional[dict] = None, scales: Optional[dict] = None):
   if space not in SPACES:
     raise ConfigError(f"space={space!r} is not one of: {', '.join(SPACES)}")
-  by_cost = space == "auto" and jax.default_backend() != "cpu"      # `Layer.activation_space_pays`
   entries = {}
   # A scaled leaf enters every other read as c·q (dead code under jit where its plain layer runs `_scaled_call`).
   stored, rparams = flatten(rparams), scaled(rparams, scales or {})
@@ -353,7 +364,7 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
       return next_fun(*call_args, **call_kwargs)
     notes = []
     try:
-      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, by_cost, notes)
+      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, space, notes)
     except NoFastForm as e:
       if log is not None:
         log[path] = f"materialized: {e}"
@@ -374,7 +385,8 @@ def apply(rules: Rules, model: nn.Module, rparams, *args, collections: Optional[
   to `rparams`, but runs each wrapped Dense, DenseGeneral or Conv through its transform's `linear` form where it
   has one (see the module docstring). `collections` holds the model's other variables (e.g. `batch_stats`).
   `space`: "auto" runs multipliers, weight norm and DoRA materialized on a layer whose activations outnumber its
-  weight (`Layer.activation_space_pays`), off CPU only; "activation" uses every form there is, everywhere.
+  weight (`Layer.activation_space_pays`), off CPU only; on CPU, DoRA scales its frozen kernel instead of its
+  output there (`Layer.scales_kernel`). "activation" uses every activation form there is, everywhere.
   `scales` (`{rparams path: scalar}`) runs the model on `reparam.core.scaled(rparams, scales)`: each such leaf is
   multiplied by its scalar and differentiated as the product; an unwrapped Dense, DenseGeneral or Conv kernel
   among them runs as `c·(x·q)`, in activation space (`reparam.optim`'s lazy NaP projection). Meant to be called

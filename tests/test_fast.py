@@ -1,6 +1,7 @@
 """`reparam.apply` (activation space) against the reference `model.apply({"params": materialize(...)})`: values and
 gradients for every transform on Dense, Conv, attention and a small transformer, the path each layer takes,
 fallbacks, mutable collections, dtypes, and that DoRA never forms a weight-sized K₀ + sAB."""
+import importlib
 import re
 from typing import Callable
 
@@ -536,17 +537,62 @@ def test_dora_shares_its_kept_output_with_the_next_layer(detach):
   assert dora - lora <= 0.5, (lora, dora)
 
 
+@pytest.mark.parametrize("rows", [5, 40])        # 40 rows: on CPU both layers scale their kernels
 @pytest.mark.parametrize("name", ["dora", "dora_full_grad"])
-def test_dora_unit_with_zero_magnitude_still_gets_its_gradient(name):
+def test_dora_unit_with_zero_magnitude_still_gets_its_gradient(name, rows):
   # The backward pass reads x K₀ off the output, y = (m/n)·(...): at m = 0 exactly a unit's output holds nothing
   # of it, so the fast form scales such a unit by reparam.transforms.lora.TINY instead of 0.
-  model, x = MLP(), jax.random.normal(key(0), (5, 9))
+  model, x = MLP(), jax.random.normal(key(0), (rows, 9))
   rules = [(r".*kernel", TRANSFORMS[name]())]
   rp = moved(rules, reparam.init(rules, model.init(key(1), x)["params"], key(2)), lambda v: v + 0.1)
   rp["Dense_0"]["kernel"]["m"] = rp["Dense_0"]["kernel"]["m"].at[3].set(0.0).at[5].set(-0.0)
-  compare(rules, model, rp, x)
+  compare(rules, model, rp, x, space="auto")
   g = jax.grad(lambda rp: loss_of(reparam.apply(rules, model, rp, x)))(rp)["Dense_0"]["kernel"]["m"]
   assert abs(float(g[3])) > 1e-3 and abs(float(g[5])) > 1e-3, g
+
+
+def kernel_scaled_calls(monkeypatch) -> list:
+  """Records the kernel shape of every call of DoRA's kernel-scaled form from now on."""
+  lora = importlib.import_module("reparam.transforms.lora")
+  calls, form = [], lora._kernel_scaled_lowrank
+  monkeypatch.setattr(lora, "_kernel_scaled_lowrank", lambda matmul, x, w, *rest: calls.append(w.shape) or
+                      form(matmul, x, w, *rest))
+  return calls
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("name", ["dora", "dora_full_grad", "dora+mult", "mult+dora"])
+def test_dora_on_cpu_scales_its_kernel_where_rows_outnumber_its_inputs(model_name, name, monkeypatch):
+  """On CPU, space="auto" runs DoRA as `x (K₀ ⊙ m/n) + s (x A)(B ⊙ m/n)` on a layer whose output (rows × out)
+  outnumbers its weight (in × out), and its activation form elsewhere; values and gradients are
+  materialization's either way. space="activation" never takes it, nor does any backend but CPU."""
+  rules = rules_for(model_name, TRANSFORMS[name])
+  model, x, rp = setup(model_name, rules)
+  if model_name == "dense":
+    x = jnp.concatenate([x, x + 1.0])          # 10 rows: more than Dense_1's 9 inputs, fewer than Dense_0's 12
+  calls = kernel_scaled_calls(monkeypatch)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  compare(rules, model, rp, x, space="auto")
+  assert calls, calls
+  if model_name == "dense":
+    assert set(calls) == {(9, 12)}, calls      # Dense_1's kernel only
+  calls.clear()
+  compare(rules, model, rp, x, space="activation")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  fast.explain(rules, model, rp, x)
+  assert not calls, calls
+
+
+def test_dora_kernel_scaled_form_computes_no_weight_gradient():
+  # The point of both DoRA forms: the frozen K₀ gets no (in × out) gradient, a matmul as large as the layer's.
+  model, x = nn.Dense(12), jax.random.normal(key(0), (40, 9))     # 40 rows > 9 inputs: the kernel-scaled form
+  rules = [(r"kernel", reparam.dora(rank=2))]
+  rp = moved(rules, reparam.init(rules, model.init(key(1), x)["params"], key(2)), lambda v: v + 0.1)
+  weight_dot = re.compile(r"= f32\[9,12\]\{[0-9,]*\} dot\(")
+  grad_hlo = lambda f: jax.jit(jax.grad(lambda rp: loss_of(f(rp)))).lower(rp).compile().as_text()
+  assert not weight_dot.search(grad_hlo(lambda rp: reparam.apply(rules, model, rp, x)))
+  # The check can fail: materialization computes that gradient.
+  assert weight_dot.search(grad_hlo(lambda rp: model.apply({"params": reparam.materialize(rules, rp)}, x)))
 
 
 def test_jitted_step_does_not_recompile():

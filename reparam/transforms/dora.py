@@ -86,7 +86,9 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
   def linear(factors, w, x, layer):
     """Activation space: `y = (m/n) ⊙ (x K₀ + s (x A) B)`, with n from `lowrank_norm`: never forms K₀ + sAB.
     It skips the frozen K₀'s weight gradient (a matmul) but adds passes over the (rows × out) activations: on a
-    GPU those cost more once rows > in (`Layer.activation_space_pays`, measured in docs/performance.md)."""
+    GPU those cost more once rows > in (`Layer.activation_space_pays`, measured in docs/performance.md), and
+    there the layer runs materialized; on CPU it computes `x (K₀ ⊙ m/n) + s (x A)(B ⊙ m/n)` instead
+    (`Layer.scales_kernel`), which still skips K₀'s gradient."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
     layer.check_cost(layout.fan_out(w.shape))
@@ -94,7 +96,8 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     n = lowrank_norm(factors, w, layout, scale, eps)
     if detach_norm:
       n = jax.lax.stop_gradient(n)
-    return lowrank_linear(factors, w, x, layer, scale, out_scale=factors["m"] / n, remat=remat)
+    return lowrank_linear(factors, w, x, layer, scale, out_scale=factors["m"] / n, remat=remat,
+                          scale_kernel=layer.scales_kernel(layout.fan_out(w.shape)))
 
   return Reparam(init, apply, roles={"m": "gain", "k0_sq": "frozen", "A": "lowrank", "B": "lowrank"},
                  freezes_base=True, name="dora", linear=linear)

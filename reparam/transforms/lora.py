@@ -9,6 +9,7 @@ init of the reference implementation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -42,7 +43,7 @@ def lowrank_delta(factors: dict, layout: Layout, scale: float) -> jax.Array:
 
 
 def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: float, out_scale=None,
-                   remat: bool = False) -> jax.Array:
+                   remat: bool = False, scale_kernel: bool = False) -> jax.Array:
   """`(x K₀ + s (x A) B) ⊙ out_scale` with the layer's own contraction (see `Reparam.linear`); `K₀` frozen.
 
   `x A` runs the layer with A as its kernel (a conv's window, padding and strides included), then B contracts the
@@ -54,6 +55,8 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   `out_scale`'s gradient is a sum over rows of `x K₀ + s (x A) B` times the output's gradient. The backward
   pass gets that sum back from the layer's output (`_scaled_lowrank`), which the next layer may keep anyway (a
   GELU's input), or, with `remat`, computes `x K₀` again (one more rows × in × out matmul, nothing kept).
+  With `scale_kernel` (and not `remat`), `out_scale` scales K₀'s output units instead of the output
+  (`_kernel_scaled_lowrank`): cheaper where the layer's rows outnumber its input features.
   """
   w = jax.lax.stop_gradient(w)
   xa = layer.matmul(x, factors["A"])
@@ -63,6 +66,8 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   if remat:
     scaled_base = lambda x, v: layer.scale_out(layer.matmul(x, w), v)
     return _plus_rank_product(jax.checkpoint(scaled_base)(x, out_scale), xa, b * out_scale)
+  if scale_kernel:
+    return _kernel_scaled_lowrank(layer.matmul, x, w, xa, b, out_scale)
   return _scaled_lowrank(layer.matmul(x, w), xa, b, out_scale)
 
 
@@ -109,7 +114,7 @@ def _scaled_lowrank(y0: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) ->
 
 
 def _scaled_lowrank_fwd(y0, xa, b, v):
-  v_safe = jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY).astype(v.dtype), v)
+  v_safe = _safe(v)
   v32 = v_safe.astype(jnp.float32)
   y = (y0 * v32 + _rank_product(xa, b, y0.shape) * v32).astype(y0.dtype)
   return y, (xa, b, v_safe, y)
@@ -129,6 +134,53 @@ def _scaled_lowrank_bwd(res, g):
 
 
 _scaled_lowrank.defvjp(_scaled_lowrank_fwd, _scaled_lowrank_bwd)
+
+
+def _safe(v: jax.Array) -> jax.Array:
+  """v with every entry of magnitude under TINY set to ±TINY: the output can then be divided by it."""
+  return jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY).astype(v.dtype), v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_scaled_lowrank(matmul, x: jax.Array, w: jax.Array, xa: jax.Array, b: jax.Array,
+                           v: jax.Array) -> jax.Array:
+  """`_scaled_lowrank`'s `y = v ⊙ (x K₀ + (x A) b)` computed as `x (K₀ ⊙ v) + (x A)(b ⊙ v)`, K₀ frozen:
+
+      ∂x = g (K₀ ⊙ v)ᵀ + ∂(x A) Aᵀ (through `matmul`),   ∂(x A) = g (b ⊙ v)ᵀ,   ∂b = ((x A)ᵀ g) ⊙ v,
+      ∂v = (Σ_rows g ⊙ y) / v.
+
+  The activation form scales the (rows × out) output forward and its gradient g backward; this one scales the
+  (in × out) kernel once and keeps it for the backward's `g (K₀ ⊙ v)ᵀ`, and g's products need no scaling. It
+  pays where rows > in: on the benchmark LM at 4096 tokens of d_model 256 (2 CPU cores) DoRA's step measured
+  0.946x the activation form's (1.005x LoRA's against 1.058x), its peak memory 493.5 against 502.9 MiB; at 128
+  tokens of d_model 512 it measured 1.29x. As there, y is kept for v's gradient (a GELU after it keeps it
+  anyway), and a unit with |v| < TINY is scaled by ±TINY. K₀'s gradient is zero: DoRA freezes it.
+  """
+  return _kernel_scaled_lowrank_fwd(matmul, x, w, xa, b, v)[0]
+
+
+def _kernel_scaled_lowrank_fwd(matmul, x, w, xa, b, v):
+  v32 = _safe(v).astype(jnp.float32)
+  wv = (w.astype(jnp.float32) * v32).astype(w.dtype)          # v over the kernel's trailing output axes
+  y0 = matmul(x, wv)
+  y = (y0 + _rank_product(xa, b * v32, y0.shape)).astype(y0.dtype)
+  return y, (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype), xa, b, v32, wv, y)
+
+
+def _kernel_scaled_lowrank_bwd(matmul, res, g):
+  x, w, xa, b, v32, wv, y = res
+  rank, units = b.shape[0], b.size // b.shape[0]
+  g2, xa2, b2 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units)
+  v1 = v32.reshape(units)
+  (g_x,) = jax.linear_transpose(lambda x: matmul(x, wv), x)(g)                 # g (K₀ ⊙ v)ᵀ
+  g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32) * v1
+  g_xa = jnp.dot(g2, (b2 * v1).T.astype(g2.dtype))
+  g_v = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0) / v1
+  return (g_x, jnp.zeros(w.shape, w.dtype), g_xa.reshape(xa.shape).astype(xa.dtype),
+          g_b.reshape(b.shape).astype(b.dtype), g_v.reshape(v32.shape).astype(v32.dtype))
+
+
+_kernel_scaled_lowrank.defvjp(_kernel_scaled_lowrank_fwd, _kernel_scaled_lowrank_bwd)
 
 
 def lora(rank: int, alpha: Optional[float] = None, in_axes: Axes = -2, out_axes: Axes = -1) -> Reparam:
