@@ -194,9 +194,9 @@ def dora_norm_and_gain_sum_only(rank: int) -> reparam.Reparam:
 
 
 def variants(rank: int) -> list[Variant]:
-  """The table's rows. Where `reparam.apply`'s space="auto" may choose weight space by shape
-  (`Layer.activation_space_pays`: off CPU, for multipliers, weight norm and DoRA), they also run with every
-  activation-space form."""
+  """The table's rows. Where `reparam.apply`'s space="auto" may choose another form by shape
+  (`Layer.activation_space_pays`: off CPU, weight space for multipliers, weight norm and DoRA; on CPU, DoRA's
+  kernel-scaled form), they also run with every activation-space form."""
   mult = reparam.multipliers(scalar=True, row=True, col=True)
   by_cost = jax.default_backend() != "cpu"
   lora = f"lora r{rank}"
@@ -223,8 +223,8 @@ def variants(rank: int) -> list[Variant]:
       # a floor for DoRA over LoRA: its norm and m's gradient, no m/n scaling (not a transform)
       Variant(f"dora r{rank}, norm and gain sum only", dora_norm_and_gain_sum_only(rank), ref=lora, target_of=lora,
               floor_of=f"dora r{rank}"),
-      *([Variant(f"dora r{rank}, activation space", reparam.dora(rank), space="activation", ref=lora)]
-        if by_cost else []),
+      # off CPU DoRA may run materialized by shape, on CPU scale its kernel (`Layer.scales_kernel`)
+      Variant(f"dora r{rank}, activation space", reparam.dora(rank), space="activation", ref=lora),
       Variant(f"dora r{rank}, materialized", reparam.dora(rank), fast=False, ref=lora),
       Variant("muon", optimizer={"name": "muon", "learning_rate": 0.02}),
   ]

@@ -83,7 +83,8 @@ class Layer(NamedTuple):
     (0.910x plain against 0.982x materialized; 1.10x LoRA against 1.47x), the multipliers at d_model 256 with 32
     (4096 tokens: 0.972x plain against 1.016x, six processes) and 128 (16384 tokens: 0.967x against 1.024x, one
     process), measured after their column's backward stopped writing `x ⊙ c` (`base_scaled_in`; before that
-    change 1.097x against 1.007x at 4096 tokens): docs/performance.md."""
+    change 1.097x against 1.007x at 4096 tokens): docs/performance.md. Where this is False on CPU, DoRA scales
+    its kernel instead (`scales_kernel`)."""
     return self.rows * per_row <= self.weight_size
 
   def check_cost(self, per_row: int) -> None:
