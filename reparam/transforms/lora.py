@@ -146,8 +146,8 @@ def _kernel_scaled_lowrank(matmul, x: jax.Array, w: jax.Array, xa: jax.Array, b:
                            v: jax.Array) -> jax.Array:
   """`_scaled_lowrank`'s `y = v ⊙ (x K₀ + (x A) b)` computed as `x (K₀ ⊙ v) + (x A)(b ⊙ v)`, K₀ frozen:
 
-      ∂x = g (K₀ ⊙ v)ᵀ + ∂(x A) Aᵀ (through `matmul`),   ∂(x A) = g (b ⊙ v)ᵀ,   ∂b = ((x A)ᵀ g) ⊙ v,
-      ∂v = (Σ_rows g ⊙ y) / v.
+      ∂x = g (K₀ ⊙ v)ᵀ (the layer's transposed contraction),   ∂(x A) = g (b ⊙ v)ᵀ,   ∂b = ((x A)ᵀ g) ⊙ v,
+      ∂v = (Σ_rows g ⊙ y) / v    (x's share through `x A` comes from autodiff of `x A`).
 
   The activation form scales the (rows × out) output forward and its gradient g backward; this one scales the
   (in × out) kernel once and keeps it for the backward's `g (K₀ ⊙ v)ᵀ`, and g's products need no scaling. It
@@ -162,21 +162,21 @@ def _kernel_scaled_lowrank(matmul, x: jax.Array, w: jax.Array, xa: jax.Array, b:
 def _kernel_scaled_lowrank_fwd(matmul, x, w, xa, b, v):
   v32 = _safe(v).astype(jnp.float32)
   wv = (w.astype(jnp.float32) * v32).astype(w.dtype)          # v over the kernel's trailing output axes
-  y0 = matmul(x, wv)
+  y0, x_cotangent = jax.vjp(lambda x: matmul(x, wv), x)         # linear in x: it keeps K₀ ⊙ v, not x
   y = (y0 + _rank_product(xa, b * v32, y0.shape)).astype(y0.dtype)
-  return y, (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype), xa, b, v32, wv, y)
+  return y, (x_cotangent, xa, b, v32, wv, y)
 
 
 def _kernel_scaled_lowrank_bwd(matmul, res, g):
-  x, w, xa, b, v32, wv, y = res
+  x_cotangent, xa, b, v32, wv, y = res
   rank, units = b.shape[0], b.size // b.shape[0]
   g2, xa2, b2 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units)
   v1 = v32.reshape(units)
-  (g_x,) = jax.linear_transpose(lambda x: matmul(x, wv), x)(g)                 # g (K₀ ⊙ v)ᵀ
+  (g_x,) = x_cotangent(g)                                                      # g (K₀ ⊙ v)ᵀ
   g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32) * v1
   g_xa = jnp.dot(g2, (b2 * v1).T.astype(g2.dtype))
   g_v = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0) / v1
-  return (g_x, jnp.zeros(w.shape, w.dtype), g_xa.reshape(xa.shape).astype(xa.dtype),
+  return (g_x, jnp.zeros_like(wv), g_xa.reshape(xa.shape).astype(xa.dtype),     # K₀: frozen, no gradient
           g_b.reshape(b.shape).astype(b.dtype), g_v.reshape(v32.shape).astype(v32.dtype))
 
 
