@@ -539,9 +539,10 @@ def test_dora_shares_its_kept_output_with_the_next_layer(detach):
 
 @pytest.mark.parametrize("rows", [5, 40])        # 40 rows: on CPU both layers scale their kernels
 @pytest.mark.parametrize("name", ["dora", "dora_full_grad"])
-def test_dora_unit_with_zero_magnitude_still_gets_its_gradient(name, rows):
+def test_dora_unit_with_zero_magnitude_still_gets_its_gradient(name, rows, monkeypatch):
   # The backward pass reads x K₀ off the output, y = (m/n)·(...): at m = 0 exactly a unit's output holds nothing
-  # of it, so the fast form scales such a unit by reparam.transforms.lora.TINY instead of 0.
+  # of it, so the fast forms scale such a unit by reparam.transforms.lora.TINY instead of 0.
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   model, x = MLP(), jax.random.normal(key(0), (rows, 9))
   rules = [(r".*kernel", TRANSFORMS[name]())]
   rp = moved(rules, reparam.init(rules, model.init(key(1), x)["params"], key(2)), lambda v: v + 0.1)
@@ -583,14 +584,17 @@ def test_dora_on_cpu_scales_its_kernel_where_rows_outnumber_its_inputs(model_nam
   assert not calls, calls
 
 
-def test_dora_kernel_scaled_form_computes_no_weight_gradient():
+def test_dora_kernel_scaled_form_computes_no_weight_gradient(monkeypatch):
   # The point of both DoRA forms: the frozen K₀ gets no (in × out) gradient, a matmul as large as the layer's.
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   model, x = nn.Dense(12), jax.random.normal(key(0), (40, 9))     # 40 rows > 9 inputs: the kernel-scaled form
   rules = [(r"kernel", reparam.dora(rank=2))]
   rp = moved(rules, reparam.init(rules, model.init(key(1), x)["params"], key(2)), lambda v: v + 0.1)
   weight_dot = re.compile(r"= f32\[9,12\]\{[0-9,]*\} dot\(")
   grad_hlo = lambda f: jax.jit(jax.grad(lambda rp: loss_of(f(rp)))).lower(rp).compile().as_text()
+  calls = kernel_scaled_calls(monkeypatch)
   assert not weight_dot.search(grad_hlo(lambda rp: reparam.apply(rules, model, rp, x)))
+  assert calls == [(9, 12)], calls
   # The check can fail: materialization computes that gradient.
   assert weight_dot.search(grad_hlo(lambda rp: model.apply({"params": reparam.materialize(rules, rp)}, x)))
 
