@@ -252,7 +252,7 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
   return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, auto, notes)
 
 
-def _fast_call(module, entry, call_args, call_kwargs, busy, space: str, notes: list):
+def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, auto: bool, notes: list):
   t, factors, w, kernel = entry
   if t.linear is None:
     raise NoFastForm(f"{t.name} has no activation-space form")
@@ -261,8 +261,7 @@ def _fast_call(module, entry, call_args, call_kwargs, busy, space: str, notes: l
   if module.get_variable("params", "kernel") is not kernel:
     raise NoFastForm("the layer does not see the wrapped kernel as is (lifted transform or variable mapping)")
   x = _x_of(call_args, call_kwargs)
-  auto = space == "auto"
-  layer = layer_of(module, x, w, auto and jax.default_backend() != "cpu", auto, notes)
+  layer = layer_of(module, x, w, by_cost, auto, notes)
   busy.append(module)      # the clones `layer.matmul` applies are our own calls: not to be intercepted
   try:
     y = t.linear(factors, w, x, layer)
@@ -329,6 +328,8 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
          log: Optional[dict] = None, scales: Optional[dict] = None):
   if space not in SPACES:
     raise ConfigError(f"space={space!r} is not one of: {', '.join(SPACES)}")
+  auto = space == "auto"
+  by_cost = auto and jax.default_backend() != "cpu"      # `Layer.activation_space_pays`, `Layer.scales_kernel`
   entries = {}
   # A scaled leaf enters every other read as c·q (dead code under jit where its plain layer runs `_scaled_call`).
   stored, rparams = flatten(rparams), scaled(rparams, scales or {})
@@ -365,7 +366,7 @@ def _run(rules: Rules, model: nn.Module, rparams, args, collections, kwargs, spa
       return next_fun(*call_args, **call_kwargs)
     notes = []
     try:
-      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, space, notes)
+      y = _fast_call(module, entries[path], call_args, call_kwargs, busy, by_cost, auto, notes)
     except NoFastForm as e:
       if log is not None:
         log[path] = f"materialized: {e}"

@@ -91,13 +91,14 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     (`Layer.scales_kernel`), which still skips K₀'s gradient."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
-    layer.check_cost(layout.fan_out(w.shape))
+    per_row = layout.fan_out(w.shape)         # the output units it scales
+    layer.check_cost(per_row)
     w = jax.lax.stop_gradient(w)
     n = lowrank_norm(factors, w, layout, scale, eps)
     if detach_norm:
       n = jax.lax.stop_gradient(n)
     return lowrank_linear(factors, w, x, layer, scale, out_scale=factors["m"] / n, remat=remat,
-                          scale_kernel=layer.scales_kernel(layout.fan_out(w.shape)))
+                          scale_kernel=layer.scales_kernel(per_row))
 
   return Reparam(init, apply, roles={"m": "gain", "k0_sq": "frozen", "A": "lowrank", "B": "lowrank"},
                  freezes_base=True, name="dora", linear=linear)

@@ -87,6 +87,17 @@ def _plus_rank_product(y0: jax.Array, xa: jax.Array, b: jax.Array) -> jax.Array:
 TINY = 1e-30
 
 
+def _safe(v: jax.Array) -> jax.Array:
+  """v with every entry of magnitude under TINY set to ±TINY: the output can then be divided by it."""
+  return jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY).astype(v.dtype), v)
+
+
+def _gain_gradient(g2: jax.Array, y: jax.Array, v1: jax.Array) -> jax.Array:
+  """`(Σ_rows g ⊙ y) / v` in float32, g on its (rows, units) view: the scale's gradient read off the kept output
+  `y = v ⊙ u`, both forms' (`_scaled_lowrank`, `_kernel_scaled_lowrank`)."""
+  return jnp.sum(g2.astype(jnp.float32) * y.reshape(g2.shape).astype(jnp.float32), axis=0) / v1
+
+
 @jax.custom_vjp
 def _scaled_lowrank(y0: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array) -> jax.Array:
   """`y = v ⊙ u`, `u = y0 + (x A) b` (`y0 = x K₀`, `b = s·B`), whose backward pass keeps y, not u or `y0`:
@@ -128,17 +139,12 @@ def _scaled_lowrank_bwd(res, g):
   gv = (g2.astype(jnp.float32) * v1).astype(g.dtype)                                   # g' = g ⊙ v
   g_b = jnp.dot(xa2.T, gv.astype(xa2.dtype), preferred_element_type=jnp.float32)
   g_xa = jnp.dot(gv, b2.T.astype(gv.dtype))
-  g_v = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0) / v1
+  g_v = _gain_gradient(g2, y, v1)
   return (gv.reshape(g.shape), g_xa.reshape(xa.shape).astype(xa.dtype),
           g_b.reshape(b.shape).astype(b.dtype), g_v.reshape(v_safe.shape).astype(v_safe.dtype))
 
 
 _scaled_lowrank.defvjp(_scaled_lowrank_fwd, _scaled_lowrank_bwd)
-
-
-def _safe(v: jax.Array) -> jax.Array:
-  """v with every entry of magnitude under TINY set to ±TINY: the output can then be divided by it."""
-  return jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY).astype(v.dtype), v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -175,7 +181,7 @@ def _kernel_scaled_lowrank_bwd(matmul, res, g):
   (g_x,) = x_cotangent(g)                                                      # g (K₀ ⊙ v)ᵀ
   g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32) * v1
   g_xa = jnp.dot(g2, (b2 * v1).T.astype(g2.dtype))
-  g_v = jnp.sum(g2.astype(jnp.float32) * y.reshape(-1, units).astype(jnp.float32), axis=0) / v1
+  g_v = _gain_gradient(g2, y, v1)
   return (g_x, jnp.zeros_like(wv), g_xa.reshape(xa.shape).astype(xa.dtype),     # K₀: frozen, no gradient
           g_b.reshape(b.shape).astype(b.dtype), g_v.reshape(v32.shape).astype(v32.dtype))
 
