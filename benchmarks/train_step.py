@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --rounds 5 --seeds_steps 60     # a quicker, noisier look
     python benchmarks/train_step.py --json benchmarks/results/cpu.json
     python benchmarks/train_step.py --report benchmarks/results/cpu_2core.json    # a saved run's tables again
+    python benchmarks/train_step.py --report a.json b.json c.json     # runs of the same steps, processes pooled
     python benchmarks/train_step.py --regime 512,1,128 --only "^nap$" --seeds 0 --processes 6 --rounds 40
 
 **Method.** Every variant is the jitted training step of `experiments/train.py` (`make_train_step`: the forward
@@ -628,10 +629,61 @@ def print_peak(dtype: str, peak: dict) -> None:
         " gradients, can pass 100%")
 
 
-def report(path: str) -> None:
-  """The tables of a run saved with --json, the intervals and verdicts recomputed from its raw timings."""
-  with open(path) as f:
-    out = json.load(f)
+def pool(paths: list[str]) -> dict:
+  """Several runs saved with --json, as one: each regime measured in all of them, with the variants all of them
+  timed, as if its processes had been one run's (`combine`: every ratio the median over all process medians,
+  its interval over all of them). A run of one process counts as one. More processes narrow the interval of a
+  ratio's median where six leave it on the bound; pooling is only sound across runs of the same compiled steps
+  (`benchmarks/hlo_traffic.py` tells whether two commits compile the same kernels), which the caller vouches
+  for. Exact numbers (peak memory, FLOPs) come from the first run; MFU, which divides by each process's own
+  matmul peak, is left out."""
+  outs = []
+  for path in paths:
+    with open(path) as f:
+      outs.append(json.load(f))
+  shapes = [{(r["d_model"], r["batch"], r["seq"]): r for r in out["regimes"]} for out in outs]
+  pooled = {k: v for k, v in outs[0].items() if k not in ("seeds", "peft")}      # not pooled: not shown
+  pooled.update(pooled=list(paths), regimes=[])
+  for shape, first in shapes[0].items():
+    if not all(shape in s for s in shapes[1:]):
+      continue
+    regimes = [s[shape] for s in shapes]
+    processes = [p for r in regimes for p in (r.get("processes") or [{"times_s": r["times_s"]}])]
+    names = [row["variant"] for row in first["rows"] if all(row["variant"] in p["times_s"] for p in processes)]
+    runs = [_process_run(first, names, p["times_s"]) for p in processes]
+    r = combine(runs)
+    r["rounds"] = "/".join(dict.fromkeys(str(x["rounds"]) for x in regimes))
+    pooled["regimes"].append(r)
+  if not pooled["regimes"]:
+    raise SystemExit(f"--report: no regime (d_model, batch, seq) was measured in all of {', '.join(paths)}")
+  return pooled
+
+
+def _process_run(regime: dict, names: list[str], times: dict) -> dict:
+  """One process of a saved regime as `combine` takes it: the rows `names`, with that process's times."""
+  rows = []
+  for row in regime["rows"]:
+    if row["variant"] not in names:
+      continue
+    row = {k: v for k, v in row.items() if not k.startswith("mfu_")}
+    ms = 1e3 * float(np.median(times[row["variant"]]))
+    row.update(ms=ms, x_plain=ratio(times, row["variant"], "plain"), gflop_per_s=row["gflop"] / ms * 1e3)
+    if row.get("ref"):
+      row["x_ref"] = ratio(times, row["variant"], row["ref"])
+    rows.append(row)
+  return {**{k: v for k, v in regime.items() if k not in ("rows", "times_s", "processes")}, "rows": rows,
+          "times_s": {name: times[name] for name in names}}
+
+
+def report(paths: list[str]) -> None:
+  """The tables of a run saved with --json, the intervals and verdicts recomputed from its raw timings; of
+  several runs, their processes pooled (`pool`)."""
+  if len(paths) > 1:
+    out = pool(paths)
+    print(f"{len(paths)} runs pooled: {', '.join(paths)}")
+  else:
+    with open(paths[0]) as f:
+      out = json.load(f)
   print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
   if out.get("matmul_peak_flops", {}).get("measured"):        # runs saved before MFU have none
     print_peak(out["args"].get("dtype", "float32"), out["matmul_peak_flops"])
@@ -664,7 +716,9 @@ def main():
                   help="end-to-end runs of each way (~10 s a pair on 2 CPU cores), in alternating order")
   ap.add_argument("--peft", action="store_true", help="also time peft's LoRA and DoRA (needs torch and peft)")
   ap.add_argument("--json", default=None, help="write every number (and the raw timings) here")
-  ap.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run again (no timing)")
+  ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                  help="print the tables of a saved run again (no timing); of several runs of the same steps, with "
+                       "their processes pooled")
   args = ap.parse_args()
   if args.report:
     report(args.report)

@@ -304,6 +304,51 @@ def test_processes_combine_into_medians_judged_on_the_spread_between_processes()
   assert r["rows"][1]["verdict"] == "met"
 
 
+def _saved(path, processes: list[dict], shapes=((8, 1, 8),)) -> str:
+  """A run saved with --json (only what --report reads): each shape measured in `processes`, each process's
+  {variant: [seconds per round]}, the variants plain, its control, a targeted v and, where timed, w."""
+  def row(name):
+    extra = {"target": 1.03, "target_of": "plain"} if name == "v" else {}
+    return {"variant": name, "ms": 1.0, "x_plain": 1.0, "peak_mib": 5.0, "memory_x_plain": 1.0, "gflop": 1.0,
+            "gflop_per_s": 1.0, "ref": None, "target": None, "memory_target": None, "mfu_measured": 0.5, **extra}
+  names = list(processes[0])
+  regimes = [{"d_model": d, "batch": b, "seq": s, "tokens": b * s, "dtype": "float32", "rounds": 3, "calls": 1,
+              "rows": [row(n) for n in names], "processes": [{"times_s": p} for p in processes]}
+             for d, b, s in shapes]
+  out = {"date": "2026-12-07", "jax": "0", "backend": "cpu", "device": "cpu", "cpu_count": 2,
+         "args": {"dtype": "float32", "rank": 8}, "regimes": regimes, "seeds": {"not": "pooled"}}
+  with open(path, "w") as f:
+    json.dump(out, f)
+  return str(path)
+
+
+def test_report_of_several_runs_pools_their_processes(tmp_path, monkeypatch, capsys):
+  """Four processes of one run and two of another: pooled, v's ratio is the median of the six process medians
+  and its interval spans them (six: the smallest and largest), where neither run alone has an interval; a
+  variant (w) or a shape only one run timed is left out."""
+  def process(x):
+    return {"plain": [0.1, 0.1, 0.1], "plain, again": [0.1] * 3, "v": [0.1 * x] * 3, "w": [0.2] * 3}
+  a = _saved(tmp_path / "a.json", [process(x) for x in (1.00, 1.02, 1.04, 1.01)], shapes=((8, 1, 8), (16, 1, 8)))
+  b = _saved(tmp_path / "b.json", [{k: v for k, v in process(x).items() if k != "w"} for x in (1.05, 1.03)])
+  out = train_step.pool([a, b])
+  assert "seeds" not in out and out["pooled"] == [a, b] and len(out["regimes"]) == 1
+  r = out["regimes"][0]
+  rows = {row["variant"]: row for row in r["rows"]}
+  assert set(rows) == {"plain", "plain, again", "v"} and len(r["processes"]) == 6
+  ratios = [1.00, 1.02, 1.04, 1.01, 1.05, 1.03]
+  assert rows["v"]["x_plain"] == pytest.approx(np.median(ratios))
+  assert rows["v"]["ms"] == pytest.approx(100 * np.median(ratios))
+  assert rows["v"]["x_ci"] == pytest.approx((1.00, 1.05)) and rows["v"]["verdict"] == "on the bound"
+  assert "mfu_measured" not in rows["v"]        # each process's peak is not in the saved runs
+  monkeypatch.setattr(sys, "argv", ["train_step.py", "--report", a, b])
+  train_step.main()
+  printed = capsys.readouterr().out
+  assert "2 runs pooled" in printed and "Medians over 6 processes" in printed
+  assert "- v × plain: 1.000, 1.020, 1.040, 1.010, 1.050, 1.030" in printed
+  with pytest.raises(SystemExit, match="no regime"):
+    train_step.pool([b, _saved(tmp_path / "c.json", [process(1.0)], shapes=((16, 1, 8),))])
+
+
 def test_a_floor_row_prints_its_ratio_and_its_transforms_ratio_over_it(capsys):
   """A floor row (`floor_of`) is judged on no target but printed with each process's ratio to its reference,
   and the transform's ratio over the floor beside it (what its scalings cost): here the floor 1.02 × plain in
