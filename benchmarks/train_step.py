@@ -641,7 +641,8 @@ def pool(paths: list[str]) -> dict:
   for path in paths:
     with open(path) as f:
       outs.append(json.load(f))
-  shapes = [{(r["d_model"], r["batch"], r["seq"]): r for r in out["regimes"]} for out in outs]
+  shapes = [{(r["d_model"], r["batch"], r["seq"], r.get("dtype", "float32")): r for r in out["regimes"]}
+            for out in outs]
   pooled = {k: v for k, v in outs[0].items() if k not in ("seeds", "peft")}      # not pooled: not shown
   pooled.update(pooled=list(paths), regimes=[])
   for shape, first in shapes[0].items():
@@ -655,7 +656,7 @@ def pool(paths: list[str]) -> dict:
     r["rounds"] = "/".join(dict.fromkeys(str(x["rounds"]) for x in regimes))
     pooled["regimes"].append(r)
   if not pooled["regimes"]:
-    raise SystemExit(f"--report: no regime (d_model, batch, seq) was measured in all of {', '.join(paths)}")
+    raise SystemExit(f"--report: no regime (d_model, batch, seq, dtype) was measured in all of {', '.join(paths)}")
   return pooled
 
 
@@ -667,7 +668,9 @@ def _process_run(regime: dict, names: list[str], times: dict) -> dict:
       continue
     row = {k: v for k, v in row.items() if not k.startswith("mfu_")}
     ms = 1e3 * float(np.median(times[row["variant"]]))
-    row.update(ms=ms, x_plain=ratio(times, row["variant"], "plain"), gflop_per_s=row["gflop"] / ms * 1e3)
+    row.update(ms=ms, x_plain=ratio(times, row["variant"], "plain"))
+    if "gflop" in row:
+      row["gflop_per_s"] = row["gflop"] / ms * 1e3
     if row.get("ref"):
       row["x_ref"] = ratio(times, row["variant"], row["ref"])
     rows.append(row)
@@ -684,8 +687,9 @@ def report(paths: list[str]) -> None:
   else:
     with open(paths[0]) as f:
       out = json.load(f)
-  print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}")
-  if out.get("matmul_peak_flops", {}).get("measured"):        # runs saved before MFU have none
+  print(f"{out['backend']} ({out['device']}), {out['cpu_count']} CPU cores, jax {out['jax']}, {out['date']}"
+        + (" (the first run's)" if len(paths) > 1 else ""))
+  if out.get("matmul_peak_flops", {}).get("measured") and len(paths) == 1:     # runs before MFU have none
     print_peak(out["args"].get("dtype", "float32"), out["matmul_peak_flops"])
   for r in out["regimes"]:
     judge(r)
