@@ -61,7 +61,8 @@ same program can differ by a few percent for the whole life of a process, consis
 control measured 0.996–1.044 in six processes of 40 rounds on this project's 2-core test machine, NaP 0.990 in
 one process of 300 rounds and 1.051–1.084 in those six), so a per-round interval, which cannot see that, is
 too narrow. With N > 1 every number is the median over processes, and a ratio's interval is that of the
-process medians (N ≥ 6 for 95%).
+process medians (N ≥ 6 for 95%). `--report A.json B.json ...` pools the processes of saved runs of the same
+compiled steps (`pool`), for an interval over all of them where six leave a target on the bound.
 
 This prints and writes numbers; it asserts nothing. Targets (issue 6) are shown beside the ratios.
 """
