@@ -415,6 +415,16 @@ def judge(r: dict) -> None:
       row["verdict"] = "met" if ci[1] <= row["target"] else "on the bound"
 
 
+def _timed(times: dict[str, list[float]], name: str, ref: Optional[str], gflop: float) -> dict:
+  """A row's numbers that come from its timings: the median step (ms), its ratios to plain and to its
+  reference (`ratio`), and its rate."""
+  ms = 1e3 * float(np.median(times[name]))
+  row = {"ms": ms, "x_plain": ratio(times, name, "plain"), "gflop_per_s": gflop / ms * 1e3}
+  if ref:
+    row["x_ref"] = ratio(times, name, ref)
+  return row
+
+
 def regime(d_model: int, batch: int, seq: int, args, peak: Optional[dict] = None) -> dict:
   """Every variant's step at one shape, timed side by side; `peak`: the FLOP/s that MFU divides by
   ({"measured": ..., "datasheet": ... or None})."""
@@ -433,17 +443,14 @@ def regime(d_model: int, batch: int, seq: int, args, peak: Optional[dict] = None
   useful = model_flops(d_model, seq, batch * seq)
   for v in vs:
     st = steps[v.name]
-    sec = float(np.median(times[v.name]))
-    row = {"variant": v.name, "ms": 1e3 * sec,
-           "x_plain": ratio(times, v.name, "plain"), "peak_mib": st.peak_bytes / 2 ** 20,
-           "memory_x_plain": st.peak_bytes / steps["plain"].peak_bytes,
-           "gflop": st.flops / 1e9, "gflop_per_s": st.flops / sec / 1e9,
+    row = {"variant": v.name, **_timed(times, v.name, v.ref, st.flops / 1e9), "peak_mib": st.peak_bytes / 2 ** 20,
+           "memory_x_plain": st.peak_bytes / steps["plain"].peak_bytes, "gflop": st.flops / 1e9,
            "ref": v.ref, "target": v.target, "memory_target": v.memory_target}
+    sec = row["ms"] / 1e3
     for kind, flops_per_s in (peak or {}).items():
       if flops_per_s:
         row[f"mfu_{kind}"] = useful / sec / flops_per_s
     if v.ref:
-      row["x_ref"] = ratio(times, v.name, v.ref)
       row["memory_x_ref"] = st.peak_bytes / steps[v.ref].peak_bytes
     if st.newton_schulz_flops:
       row["newton_schulz_share"] = st.newton_schulz_flops / st.flops
@@ -668,13 +675,7 @@ def _process_run(regime: dict, names: list[str], times: dict) -> dict:
     if row["variant"] not in names:
       continue
     row = {k: v for k, v in row.items() if not k.startswith("mfu_")}
-    ms = 1e3 * float(np.median(times[row["variant"]]))
-    row.update(ms=ms, x_plain=ratio(times, row["variant"], "plain"))
-    if "gflop" in row:
-      row["gflop_per_s"] = row["gflop"] / ms * 1e3
-    if row.get("ref"):
-      row["x_ref"] = ratio(times, row["variant"], row["ref"])
-    rows.append(row)
+    rows.append({**row, **_timed(times, row["variant"], row.get("ref"), row["gflop"])})
   return {**{k: v for k, v in regime.items() if k not in ("rows", "times_s", "processes")}, "rows": rows,
           "times_s": {name: times[name] for name in names}}
 
