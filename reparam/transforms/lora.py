@@ -92,6 +92,13 @@ def _safe(v: jax.Array) -> jax.Array:
   return jnp.where(jnp.abs(v) < TINY, jnp.where(v < 0, -TINY, TINY).astype(v.dtype), v)
 
 
+def _views(g: jax.Array, xa: jax.Array, b: jax.Array, v: jax.Array):
+  """The backward passes' operands on 2-D views: g (rows, units), `x A` (rows, rank), b (rank, units), and v as
+  float32 (units,), whatever the layer's output axes."""
+  rank, units = b.shape[0], b.size // b.shape[0]
+  return g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units), v.reshape(units).astype(jnp.float32)
+
+
 def _gain_gradient(g2: jax.Array, y: jax.Array, v1: jax.Array) -> jax.Array:
   """`(Σ_rows g ⊙ y) / v` in float32, g on its (rows, units) view: the scale's gradient read off the kept output
   `y = v ⊙ u`, both forms' (`_scaled_lowrank`, `_kernel_scaled_lowrank`)."""
@@ -133,9 +140,7 @@ def _scaled_lowrank_fwd(y0, xa, b, v):
 
 def _scaled_lowrank_bwd(res, g):
   xa, b, v_safe, y = res
-  rank, units = b.shape[0], b.size // b.shape[0]
-  g2, xa2, b2 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units)
-  v1 = v_safe.reshape(units).astype(jnp.float32)
+  g2, xa2, b2, v1 = _views(g, xa, b, v_safe)
   gv = (g2.astype(jnp.float32) * v1).astype(g.dtype)                                   # g' = g ⊙ v
   g_b = jnp.dot(xa2.T, gv.astype(xa2.dtype), preferred_element_type=jnp.float32)
   g_xa = jnp.dot(gv, b2.T.astype(gv.dtype))
@@ -170,19 +175,17 @@ def _kernel_scaled_lowrank_fwd(matmul, x, w, xa, b, v):
   wv = (w.astype(jnp.float32) * v32).astype(w.dtype)          # v over the kernel's trailing output axes
   y0, x_cotangent = jax.vjp(lambda x: matmul(x, wv), x)         # linear in x: it keeps K₀ ⊙ v, not x
   y = (y0 + _rank_product(xa, b * v32, y0.shape)).astype(y0.dtype)
-  return y, (x_cotangent, xa, b, v32, wv, y)
+  return y, (x_cotangent, xa, b, v32, y)
 
 
 def _kernel_scaled_lowrank_bwd(matmul, res, g):
-  x_cotangent, xa, b, v32, wv, y = res
-  rank, units = b.shape[0], b.size // b.shape[0]
-  g2, xa2, b2 = g.reshape(-1, units), xa.reshape(-1, rank), b.reshape(rank, units)
-  v1 = v32.reshape(units)
+  x_cotangent, xa, b, v32, y = res
+  g2, xa2, b2, v1 = _views(g, xa, b, v32)
   (g_x,) = x_cotangent(g)                                                      # g (K₀ ⊙ v)ᵀ
   g_b = jnp.dot(xa2.T, g2.astype(xa2.dtype), preferred_element_type=jnp.float32) * v1
   g_xa = jnp.dot(g2, (b2 * v1).T.astype(g2.dtype))
   g_v = _gain_gradient(g2, y, v1)
-  return (g_x, jnp.zeros_like(wv), g_xa.reshape(xa.shape).astype(xa.dtype),     # K₀: frozen, no gradient
+  return (g_x, None, g_xa.reshape(xa.shape).astype(xa.dtype),      # None for K₀: frozen, a symbolic zero
           g_b.reshape(b.shape).astype(b.dtype), g_v.reshape(v32.shape).astype(v32.dtype))
 
 
