@@ -103,6 +103,7 @@ from experiments import models, setup, train  # noqa: E402
 from reparam.layout import resolve  # noqa: E402
 from reparam.optim.routing import routing  # noqa: E402
 from reparam.transforms.dora import lowrank_norm as dora_lowrank_norm  # noqa: E402
+from reparam.transforms.lora import lowrank_linear  # noqa: E402
 
 HIDDEN = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 HIDDEN_KERNELS = r"block_\d+/(" + "|".join(HIDDEN) + ")/kernel"
@@ -172,8 +173,9 @@ def dora_norm_and_gain_sum_only(rank: int) -> reparam.Reparam:
   """Not a transform: a floor for DoRA's activation-space form against LoRA, measured as a row of its own.
 
   It has DoRA's leaves (m, k0_sq, A, B) and does the work DoRA adds to LoRA's layer that no scaling can avoid:
-  it computes the norm n from `Aᵀ K₀`, `AᵀA` and the cached ‖K₀‖₀² (`lowrank_norm`, as DoRA does), keeps the
-  layer's output and sums `Σ y⊙G` over its rows for m's gradient, and updates m. But its output is LoRA's,
+  it computes the norm n from `Aᵀ K₀`, `AᵀA` and the cached ‖K₀‖₀² (`lowrank_norm`, as DoRA does, `Aᵀ K₀` in
+  one matmul with `x K₀` where `Layer.stacks`), keeps the layer's output and sums `Σ y⊙G` over its rows for m's
+  gradient, and updates m. But its output is LoRA's,
   `x K₀ + (x A) B`, whatever m and n are: the m/n scalings of the output, the cotangent and B are skipped. At
   init (m = n) its gradients are DoRA's (tests/test_benchmarks.py). DoRA's ratio over this row is what its
   scalings cost, as far as XLA compiles both alike (see the module docstring). Not a floor for memory: its step
@@ -187,8 +189,12 @@ def dora_norm_and_gain_sum_only(rank: int) -> reparam.Reparam:
   def linear(factors, w, x, layer):
     layout = resolve(w.ndim)
     layer.check(layout)
-    n = jax.lax.stop_gradient(dora_lowrank_norm(factors, jax.lax.stop_gradient(w), layout, 1.0, eps))
-    y = lora.linear({"A": factors["A"], "B": factors["B"]}, w, x, layer)
+    w = jax.lax.stop_gradient(w)
+    y0 = ak = None
+    if layer.stacks(x, w, rank):            # as DoRA does: Aᵀ K₀ from the layer's own matmul
+      y0, ak = layer.matmul_stacked(x, jnp.moveaxis(factors["A"], -1, 0), w)
+    n = jax.lax.stop_gradient(dora_lowrank_norm(factors, w, layout, 1.0, eps, ak))
+    y = lowrank_linear({"A": factors["A"], "B": factors["B"]}, w, x, layer, 1.0, y0=y0)
     return _gradient_sum_tap(y, factors["m"] / n)
 
   return reparam.dora(rank)._replace(apply=lambda factors, w: lora.apply({"A": factors["A"], "B": factors["B"]}, w),

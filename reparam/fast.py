@@ -58,7 +58,8 @@ class Layer(NamedTuple):
       apply's space="auto" off CPU (on XLA:CPU every activation form won at every size measured);
     auto: apply's space="auto", on any backend: a form with a cheaper variant for the layer's shape may take it
       (`scales_kernel`);
-    notes: where a chain records the stages it ran materialized (`explain` reports them), or None.
+    notes: where a chain records the stages it ran materialized (`explain` reports them), or None;
+    x_axes: the axes of x that `matmul` contracts.
   """
   layout: Layout
   base: Callable[[jax.Array], jax.Array]
@@ -69,6 +70,7 @@ class Layer(NamedTuple):
   by_cost: bool = False
   auto: bool = False
   notes: Optional[list] = None
+  x_axes: tuple[int, ...] = ()       # x's axes that `matmul` contracts, in the order of the kernel's input axes
 
   def activation_space_pays(self, per_row: int) -> bool:
     """Whether scaling `per_row` activations in each of the `rows` rows costs no more than a pass over the weight.
@@ -101,6 +103,35 @@ class Layer(NamedTuple):
     cores, side by side): 0.946x the activation form's step at 4096 tokens of d_model 256, 1.29x at 128 tokens of
     d_model 512 (docs/performance.md)."""
     return self.auto and not self.by_cost and not self.activation_space_pays(per_row)
+
+  def stacks(self, x: jax.Array, w: jax.Array, extra_rows: int) -> bool:
+    """Whether `matmul_stacked` should run `extra_rows` more rows through the layer's matmul with x's: with
+    space="auto" on CPU, where the layer contracts x's trailing features with w's leading axes (a Dense, or a
+    DenseGeneral over trailing axes; not a conv) in float32, and where the concatenation it writes, (rows +
+    extra) × in, moves less than the pass over w it saves: 2·(rows + extra) ≤ out.
+
+    For DoRA's `Aᵀ K₀` (8 rows) beside `x K₀` at 128 tokens of d_model 512 (the benchmark LM, 2 CPU cores) the
+    step measured 0.985-0.999x (median 0.992) the step with a separate `Aᵀ K₀`, in six processes that each built
+    both twice (docs/performance.md): alone, that product reads the whole kernel for 16 flops a weight."""
+    lead = x.ndim - len(self.x_axes)
+    if not (self.auto and not self.by_cost) or self.layout.window or lead < 1 or not _trailing(self.x_axes, x.ndim):
+      return False
+    if not x.dtype == w.dtype == jax.eval_shape(self.matmul, x, w).dtype == jnp.float32:
+      return False
+    fan_in = math.prod(x.shape[lead:])
+    return 2 * (self.rows + extra_rows) <= self.weight_size // fan_in
+
+  def matmul_stacked(self, x: jax.Array, extra: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(matmul(x, w), matmul(extra, w))` as one matmul of x's rows with `extra`'s appended, so that w is read
+    once for both (where `stacks` says so); `extra` is shaped (rows', in...). Differentiable in x only: w and
+    `extra` are held constant (DoRA's frozen K₀, and the A of its detached norm)."""
+    lead = x.ndim - len(self.x_axes)
+    in_shape = x.shape[lead:]
+    ones = (1,) * (lead - 1)       # x keeps its number of axes: a DenseGeneral may name them by position
+    y, e = _stacked(self.matmul, lead - 1, x.reshape(ones + (-1,) + in_shape),
+                    jax.lax.stop_gradient(extra).astype(x.dtype).reshape(ones + extra.shape),
+                    jax.lax.stop_gradient(w))
+    return y.reshape(x.shape[:lead] + y.shape[lead:]), e.reshape(extra.shape[:1] + e.shape[lead:])
 
   def base_scaled_in(self, x: jax.Array, v: jax.Array) -> jax.Array:
     """`base(scale_in(x, v))`: the input scaled per feature (a column multiplier), then the base.
@@ -170,6 +201,27 @@ def _sum_over_rows(a: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Ar
 
 
 _scale_trailing.defvjp(_scale_trailing_fwd, _scale_trailing_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _stacked(matmul, axis: int, x: jax.Array, extra: jax.Array, w: jax.Array):
+  """`matmul([x; extra], w)` split back into x's rows and extra's, `axis` the rows' (`Layer.matmul_stacked`)."""
+  out = matmul(jnp.concatenate([x, extra], axis=axis), w)
+  rows = x.shape[axis]
+  return (jax.lax.slice_in_dim(out, 0, rows, axis=axis),
+          jax.lax.slice_in_dim(out, rows, out.shape[axis], axis=axis))
+
+
+def _stacked_fwd(matmul, axis, x, extra, w):
+  _, x_cotangent = jax.vjp(lambda x: matmul(x, w), x)      # linear in x: it keeps w; its product is dead code
+  return _stacked(matmul, axis, x, extra, w), x_cotangent
+
+
+def _stacked_bwd(matmul, axis, x_cotangent, cotangents):
+  return x_cotangent(cotangents[0])[0], None, None           # extra and w: constants (symbolic zeros)
+
+
+_stacked.defvjp(_stacked_fwd, _stacked_bwd)
 
 
 class _Contraction(NamedTuple):
@@ -249,7 +301,8 @@ def layer_of(module: nn.Module, x: jax.Array, w: jax.Array, by_cost: bool = Fals
     return scale_trailing(x, v) if _trailing(x_axes, x.ndim) else _times_features(x, v, x_axes)
 
   rows = x.size // max(1, math.prod(x.shape[a] for a in x_axes))
-  return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, auto, notes)
+  return Layer(layout, _Contraction(matmul, w, x_axes), matmul, scale_in, rows, w.size, by_cost, auto, notes,
+               x_axes)
 
 
 def _fast_call(module, entry, call_args, call_kwargs, busy, by_cost: bool, auto: bool, notes: list):

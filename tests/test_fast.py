@@ -599,6 +599,94 @@ def test_dora_kernel_scaled_form_computes_no_weight_gradient(monkeypatch):
   assert weight_dot.search(grad_hlo(lambda rp: model.apply({"params": reparam.materialize(rules, rp)}, x)))
 
 
+# ----------------------------------------------------------------------------- DoRA's Aᵀ K₀ beside x K₀
+
+@pytest.mark.parametrize("module, x_shape", [(nn.Dense(10), (2, 3, 6)), (nn.DenseGeneral((2, 5)), (4, 6)),
+                                             (nn.DenseGeneral(10, axis=(1, 2)), (4, 2, 3)),
+                                             (nn.DenseGeneral(10, axis=(-2, -1)), (2, 2, 2, 3))])
+def test_matmul_stacked_is_both_products_differentiated_in_x_only(module, x_shape):
+  """`Layer.matmul_stacked(x, e, w)` = (x·w, e·w) (numpy float64), with x's gradient that of `x·w` and none for
+  e or w, for a Dense and for DenseGeneral over trailing axes named either way."""
+  x = jax.random.normal(key(0), x_shape)
+  w = module.init(key(1), x)["params"]["kernel"]
+  layer = fast.layer_of(module, x, w)
+  n_in = len(layer.x_axes)
+  e = jax.random.normal(key(2), (3,) + x.shape[x.ndim - n_in:])
+  y, ew = layer.matmul_stacked(x, e, w)
+  flat = lambda a: np.asarray(a, np.float64).reshape(-1, int(np.prod(x.shape[x.ndim - n_in:])))
+  w64 = np.asarray(w, np.float64).reshape(flat(x).shape[1], -1)
+  np.testing.assert_allclose(np.asarray(y).reshape(flat(x).shape[0], -1), flat(x) @ w64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ew).reshape(3, -1), flat(e) @ w64, rtol=1e-5, atol=1e-5)
+  assert y.shape == layer.matmul(x, w).shape and ew.shape == (3,) + y.shape[x.ndim - n_in:]
+  r = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+  loss = lambda x, e, w: jnp.sum(r * layer.matmul_stacked(x, e, w)[0]) + jnp.sum(layer.matmul_stacked(x, e, w)[1])
+  gx, ge, gw = jax.grad(loss, argnums=(0, 1, 2))(x, e, w)
+  np.testing.assert_allclose(gx, jax.grad(lambda x: jnp.sum(r * layer.matmul(x, w)))(x), rtol=1e-5, atol=1e-6)
+  assert not np.any(ge) and not np.any(gw)
+
+
+@pytest.mark.parametrize("case", ["taken", "gpu", "activation", "conv", "bf16 input", "bf16 compute",
+                                  "middle axis", "many rows"])
+def test_stacks_only_float32_trailing_contractions_with_auto_space_on_cpu(case, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if case == "gpu" else "cpu")
+  module, x = nn.Dense(40), jax.random.normal(key(0), (2, 8, 24))           # 16 rows: 2·(16 + 4) ≤ 40 outputs
+  if case == "conv":
+    module, x = nn.Conv(40, (3, 3)), jax.random.normal(key(0), (1, 4, 4, 3))
+  elif case == "bf16 input":
+    x = x.astype(jnp.bfloat16)
+  elif case == "bf16 compute":
+    module = nn.Dense(40, dtype=jnp.bfloat16)
+  elif case == "middle axis":
+    module = nn.DenseGeneral(40, axis=1)
+  elif case == "many rows":
+    x = jax.random.normal(key(0), (2, 9, 24))                                # 18 rows: 2·(18 + 4) > 40
+  w = module.init(key(1), x)["params"]["kernel"]
+  auto = case != "activation"
+  layer = fast.layer_of(module, x, w, by_cost=auto and jax.default_backend() != "cpu", auto=auto)
+  assert layer.stacks(x, w, 4) == (case == "taken")
+
+
+def stacked_calls(monkeypatch) -> list:
+  """Records the kernel shape of every call of `Layer.matmul_stacked` from now on."""
+  calls, form = [], fast.Layer.matmul_stacked
+  monkeypatch.setattr(fast.Layer, "matmul_stacked", lambda self, x, e, w: calls.append(w.shape) or form(self, x, e, w))
+  return calls
+
+
+@pytest.mark.parametrize("name", ["dora", "dora+mult", "dora_full_grad", "dora_remat"])
+def test_dora_on_cpu_takes_its_norms_product_from_the_layers_matmul(name, monkeypatch):
+  """With n detached and nothing recomputed, DoRA on CPU (space="auto") gets `Aᵀ K₀` from the layer's own matmul
+  of `[x; Aᵀ]` where `Layer.stacks`: here on the 9 → 12 layer (2·(2 rows + rank 2) ≤ 12) and not the 12 → 7
+  one, exact either way; that layer's forward then reads K₀ once (one instruction of the compiled forward takes
+  it, two without). Not with `detach_norm=False` (n's gradient needs `Aᵀ K₀`'s), with remat, with
+  space="activation", or off CPU."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  rules = rules_for("dense", TRANSFORMS[name])
+  model, _, rp = setup("dense", rules)
+  x = jax.random.normal(key(3), (2, 9))        # rows < in: the activation form on both layers
+  calls = stacked_calls(monkeypatch)
+  compare(rules, model, rp, x, space="auto")
+  taken = name in ("dora", "dora+mult")
+  assert calls == ([(9, 12)] * 2 if taken else []), calls      # traced for the value and for the gradient
+  readers = lambda space: kernel_readers(jax.jit(lambda rp: reparam.apply(rules, model, rp, x, space=space))
+                                         .lower(rp).compile().as_text(), "f32[9,12]")
+  if taken:
+    assert readers("auto") == 1 and readers("activation") == 2, (readers("auto"), readers("activation"))
+  calls.clear()
+  compare(rules, model, rp, x, space="activation")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  fast.explain(rules, model, rp, x)
+  assert not calls, calls
+
+
+def kernel_readers(hlo: str, shape: str) -> int:
+  """How many instructions of the compiled entry computation take its one parameter shaped `shape`."""
+  entry = hlo[hlo.index("\nENTRY "):]
+  params = re.findall(rf"%([\w.\-]+) = {re.escape(shape)}\S* parameter\(", entry)
+  assert len(params) == 1, params
+  return len(re.findall(rf"[(,] ?%{re.escape(params[0])}[,)]", entry))
+
+
 def test_jitted_step_does_not_recompile():
   rules = rules_for("transformer", TRANSFORMS["dora+mult"])
   model, x, rp = setup("transformer", rules)

@@ -27,12 +27,14 @@ from reparam.transforms.lora import lowrank_delta, lowrank_init, lowrank_linear
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def lowrank_norm(factors: dict, w: jax.Array, layout: Layout, scale: float, eps: float) -> jax.Array:
+def lowrank_norm(factors: dict, w: jax.Array, layout: Layout, scale: float, eps: float,
+                 ak: Optional[jax.Array] = None) -> jax.Array:
   """`‖K₀ + sAB‖₀` (float32, with eps, as `layout.norm`) without forming `K₀ + sAB`, in O(in·out·r):
 
-      n² = ‖K₀‖₀² + 2s·Σ_k (K₀ᵀA)_jk B_kj + s²·Σ_kl B_kj (AᵀA)_kl B_lj
+      n² = ‖K₀‖₀² + 2s·Σ_k (AᵀK₀)_kj B_kj + s²·Σ_kl B_kj (AᵀA)_kl B_lj
 
-  with ‖K₀‖₀² read from the factor `k0_sq` (cached at init: K₀ is frozen), so K₀ is read once, by `K₀ᵀA`.
+  with ‖K₀‖₀² read from the factor `k0_sq` (cached at init: K₀ is frozen), so K₀ is read once, by `AᵀK₀`, or
+  not at all where the caller passes `ak = AᵀK₀` (r, out...), float32, from a matmul that reads K₀ anyway.
   Exact algebra; in float32 it loses accuracy only where n ≪ ‖K₀‖₀ (sAB cancelling K₀), hence the clamp at 0.
   """
   a, b, w32 = factors["A"].astype(jnp.float32), factors["B"].astype(jnp.float32), w.astype(jnp.float32)
@@ -41,7 +43,8 @@ def lowrank_norm(factors: dict, w: jax.Array, layout: Layout, scale: float, eps:
   # this as a standalone dot; an explicit transpose of A behind an optimization barrier (the earlier form) made
   # it fuse the dot with the sum below into one kernel of ~1 ms for a 512 × 2048 K₀: DoRA measured 1.15-1.19x
   # LoRA at 128 tokens with it and 1.12-1.14x without, side by side (no change at 4096 tokens).
-  ak = jnp.tensordot(a, w32, axes=(tuple(range(len(layout.reduce))), layout.reduce), precision=HIGHEST)
+  if ak is None:
+    ak = jnp.tensordot(a, w32, axes=(tuple(range(len(layout.reduce))), layout.reduce), precision=HIGHEST)
   a2 = a.reshape(-1, rank)
   bb = jnp.tensordot(jnp.dot(a2.T, a2, precision=HIGHEST), b, axes=1, precision=HIGHEST)   # (AᵀA) B
   # One reduction over the rank axis: Σ_k B_kj (2s (AᵀK₀)_kj + s² ((AᵀA)B)_kj)
@@ -94,11 +97,15 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     per_row = layout.fan_out(w.shape)         # the output units it scales
     layer.check_cost(per_row)
     w = jax.lax.stop_gradient(w)
-    n = lowrank_norm(factors, w, layout, scale, eps)
+    scale_kernel = layer.scales_kernel(per_row)
+    y0 = ak = None
+    if detach_norm and not (remat or scale_kernel) and layer.stacks(x, w, rank):
+      y0, ak = layer.matmul_stacked(x, jnp.moveaxis(factors["A"], -1, 0), w)     # [x; Aᵀ] K₀: K₀ read once
+    n = lowrank_norm(factors, w, layout, scale, eps, ak)
     if detach_norm:
       n = jax.lax.stop_gradient(n)
     return lowrank_linear(factors, w, x, layer, scale, out_scale=factors["m"] / n, remat=remat,
-                          scale_kernel=layer.scales_kernel(per_row))
+                          scale_kernel=scale_kernel, y0=y0)
 
   return Reparam(init, apply, roles={"m": "gain", "k0_sq": "frozen", "A": "lowrank", "B": "lowrank"},
                  freezes_base=True, name="dora", linear=linear)

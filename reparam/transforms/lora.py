@@ -43,7 +43,7 @@ def lowrank_delta(factors: dict, layout: Layout, scale: float) -> jax.Array:
 
 
 def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: float, out_scale=None,
-                   remat: bool = False, scale_kernel: bool = False) -> jax.Array:
+                   remat: bool = False, scale_kernel: bool = False, y0: Optional[jax.Array] = None) -> jax.Array:
   """`(x K₀ + s (x A) B) ⊙ out_scale` with the layer's own contraction (see `Reparam.linear`); `K₀` frozen.
 
   `x A` runs the layer with A as its kernel (a conv's window, padding and strides included), then B contracts the
@@ -56,19 +56,23 @@ def lowrank_linear(factors: dict, w: jax.Array, x: jax.Array, layer, scale: floa
   pass gets that sum back from the layer's output (`_scaled_lowrank`), which the next layer may keep anyway (a
   GELU's input), or, with `remat`, computes `x K₀` again (one more rows × in × out matmul, nothing kept).
   With `scale_kernel` (and not `remat`), `out_scale` scales K₀'s output units instead of the output
-  (`_kernel_scaled_lowrank`): cheaper where the layer's rows outnumber its input features.
+  (`_kernel_scaled_lowrank`): cheaper where the layer's rows outnumber its input features. `y0`: `x K₀` where
+  the caller has it already (DoRA's `Layer.matmul_stacked`), for the forms that take it as it is (neither
+  `remat` nor `scale_kernel`).
   """
   w = jax.lax.stop_gradient(w)
   xa = layer.matmul(x, factors["A"])
   b = scale * factors["B"].astype(jnp.float32)
+  if y0 is None and not (remat or scale_kernel):
+    y0 = layer.matmul(x, w)
   if out_scale is None:
-    return _plus_rank_product(layer.matmul(x, w), xa, b)
+    return _plus_rank_product(y0, xa, b)
   if remat:
     scaled_base = lambda x, v: layer.scale_out(layer.matmul(x, w), v)
     return _plus_rank_product(jax.checkpoint(scaled_base)(x, out_scale), xa, b * out_scale)
   if scale_kernel:
     return _kernel_scaled_lowrank(layer.matmul, x, w, xa, b, out_scale)
-  return _scaled_lowrank(layer.matmul(x, w), xa, b, out_scale)
+  return _scaled_lowrank(y0, xa, b, out_scale)
 
 
 def _rank_product(xa: jax.Array, b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
