@@ -91,7 +91,8 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     It skips the frozen K₀'s weight gradient (a matmul) but adds passes over the (rows × out) activations: on a
     GPU those cost more once rows > in (`Layer.activation_space_pays`, measured in docs/performance.md), and
     there the layer runs materialized; on CPU it computes `x (K₀ ⊙ m/n) + s (x A)(B ⊙ m/n)` instead
-    (`Layer.scales_kernel`), which still skips K₀'s gradient."""
+    (`Layer.scales_kernel`), which still skips K₀'s gradient. On CPU, where n is detached and the layer has few
+    rows (`Layer.stacks`), `AᵀK₀` comes out of the layer's own matmul, `[x; Aᵀ] K₀`: K₀ is read once forward."""
     layout = resolve(w.ndim, in_axes, out_axes)
     layer.check(layout)
     per_row = layout.fan_out(w.shape)         # the output units it scales
