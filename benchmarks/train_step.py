@@ -102,7 +102,7 @@ import reparam  # noqa: E402
 from experiments import models, setup, train  # noqa: E402
 from reparam.layout import resolve  # noqa: E402
 from reparam.optim.routing import routing  # noqa: E402
-from reparam.transforms.dora import lowrank_norm as dora_lowrank_norm  # noqa: E402
+from reparam.transforms.dora import lowrank_norm as dora_lowrank_norm, stacked_products  # noqa: E402
 from reparam.transforms.lora import lowrank_linear  # noqa: E402
 
 HIDDEN = ("query", "key", "value", "out", "mlp_in", "mlp_out")
@@ -190,9 +190,7 @@ def dora_norm_and_gain_sum_only(rank: int) -> reparam.Reparam:
     layout = resolve(w.ndim)
     layer.check(layout)
     w = jax.lax.stop_gradient(w)
-    y0 = ak = None
-    if layer.stacks(x, w, rank):            # as DoRA does: Aᵀ K₀ from the layer's own matmul
-      y0, ak = layer.matmul_stacked(x, jnp.moveaxis(factors["A"], -1, 0), w)
+    y0, ak = stacked_products(factors, w, x, layer)            # as DoRA does: Aᵀ K₀ from the layer's own matmul
     n = jax.lax.stop_gradient(dora_lowrank_norm(factors, w, layout, 1.0, eps, ak))
     y = lowrank_linear({"A": factors["A"], "B": factors["B"]}, w, x, layer, 1.0, y0=y0)
     return _gradient_sum_tap(y, factors["m"] / n)

@@ -116,10 +116,10 @@ class Layer(NamedTuple):
     lead = x.ndim - len(self.x_axes)
     if not (self.auto and not self.by_cost) or self.layout.window or lead < 1 or not _trailing(self.x_axes, x.ndim):
       return False
-    if not x.dtype == w.dtype == jax.eval_shape(self.matmul, x, w).dtype == jnp.float32:
+    if 2 * (self.rows + extra_rows) > self.weight_size // math.prod(x.shape[lead:]):
       return False
-    fan_in = math.prod(x.shape[lead:])
-    return 2 * (self.rows + extra_rows) <= self.weight_size // fan_in
+    # Last, as it traces the layer once more (abstractly): its compute dtype (a module's `dtype` may be bfloat16).
+    return x.dtype == w.dtype == jax.eval_shape(self.matmul, x, w).dtype == jnp.float32
 
   def matmul_stacked(self, x: jax.Array, extra: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(matmul(x, w), matmul(extra, w))` as one matmul of x's rows with `extra`'s appended, so that w is read

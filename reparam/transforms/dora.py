@@ -52,6 +52,15 @@ def lowrank_norm(factors: dict, w: jax.Array, layout: Layout, scale: float, eps:
   return jnp.sqrt(jnp.maximum(n2, 0.0) + eps * eps)
 
 
+def stacked_products(factors: dict, w: jax.Array, x: jax.Array, layer) -> tuple:
+  """`(x K₀, AᵀK₀)` from one matmul of `[x; Aᵀ]` with K₀ where the layer says so (`Layer.stacks`), K₀ then read
+  once for both; `(None, None)` elsewhere. A and K₀ get no gradient through it: for a detached norm only."""
+  rank = factors["A"].shape[-1]
+  if not layer.stacks(x, w, rank):
+    return None, None
+  return layer.matmul_stacked(x, jnp.moveaxis(factors["A"], -1, 0), w)
+
+
 def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps: float = 1e-6,
          in_axes: Axes = -2, out_axes: Axes = -1, remat: bool = False) -> Reparam:
   """DoRA: `K' = m ⊙ (K₀ + (α/r)·A B) / ‖K₀ + (α/r)·A B‖₀`, identity at init.
@@ -99,9 +108,7 @@ def dora(rank: int, alpha: Optional[float] = None, detach_norm: bool = True, eps
     layer.check_cost(per_row)
     w = jax.lax.stop_gradient(w)
     scale_kernel = layer.scales_kernel(per_row)
-    y0 = ak = None
-    if detach_norm and not (remat or scale_kernel) and layer.stacks(x, w, rank):
-      y0, ak = layer.matmul_stacked(x, jnp.moveaxis(factors["A"], -1, 0), w)     # [x; Aᵀ] K₀: K₀ read once
+    y0, ak = stacked_products(factors, w, x, layer) if detach_norm and not (remat or scale_kernel) else (None, None)
     n = lowrank_norm(factors, w, layout, scale, eps, ak)
     if detach_norm:
       n = jax.lax.stop_gradient(n)
